@@ -1,0 +1,315 @@
+"""The Pusher side: publish batches with the official ``pusher`` SDK and classify every outcome.
+
+The SDK builds and signs each request (right before it is sent, never ahead of time). We give it
+a small HTTP backend of our own so that we can read the status, the body *and* the headers
+(``Retry-After``) and translate every library error into a
+:class:`~outbox.errors.TransientPublishError` or :class:`~outbox.errors.PermanentPublishError`
+whose reason is a fixed, payload-free text.
+
+Two SDK behaviours we deliberately avoid (see DESIGN.md, "Pusher facts that bite"):
+
+* ``trigger_batch`` encrypts by rewriting the dicts it is given, and measures sizes with
+  ``sys.getsizeof``. We build fresh dicts on every call, encrypt each event's data ourselves with
+  the SDK's own ``pusher.crypto.encrypt`` (NaCl secretbox), and pass ``already_encoded=True``. A
+  retried batch is therefore encrypted exactly once per attempt, from the stored plaintext.
+* soketi (and proxies) may answer an error with HTTP 200 and ``{"error": …, "code": N}``. The SDK
+  returns such a body as success; we read the body and treat it as the error ``code`` says.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pusher
+import requests
+from pusher import crypto
+
+from outbox.errors import PermanentPublishError, PublishError, TransientPublishError
+from outbox.policy import ENCRYPTED_PREFIX
+
+MAX_BATCH_EVENTS = 10  # Pusher's limit for one batch request
+
+
+@dataclass(frozen=True)
+class OutgoingEvent:
+    """One event to publish. ``data`` is the plaintext data text (JSON)."""
+
+    channel: str
+    name: str
+    data: str
+    socket_id: str | None = None
+
+
+class Publisher(Protocol):
+    """What the relay needs from the Pusher side."""
+
+    def publish_batch(self, events: Sequence[OutgoingEvent]) -> None:
+        """Publish up to :data:`MAX_BATCH_EVENTS` events in one request, or raise PublishError."""
+
+
+# --- outcome classification ------------------------------------------------------------------
+#
+# Every outcome of a publish request maps to exactly one row of this table (tested one by one).
+# Decisions taken from Pusher's HTTP API documentation:
+#   * 401 with a timestamp complaint means our clock is off by more than ~600 s. A later attempt is
+#     signed afresh and may succeed once NTP catches up: transient.
+#   * 403 is "app disabled or over the message quota". Over-quota lifts when the quota resets
+#     (daily) or the plan changes: transient with a long delay. Any other 403 is permanent.
+#   * 413 and 400 describe the request itself; sending it again cannot succeed: permanent.
+
+CLOCK_SKEW_DELAY_SECONDS = 30.0
+QUOTA_DELAY_SECONDS = 300.0
+
+
+def classify(status: int, body: str, headers: Any = None) -> PublishError | None:
+    """Map an HTTP answer to ``None`` (accepted) or the error to raise."""
+    code = status
+    text = body or ""
+    if status in (200, 202):
+        error_code = _error_code_in_body(text)
+        if error_code is None:
+            return None
+        code = error_code
+    retry_after = _retry_after_seconds(headers)
+    lowered = text.lower()
+    if code == 429:
+        return TransientPublishError(
+            "HTTP 429 from Pusher: rate limited", status=code, retry_after_seconds=retry_after
+        )
+    if code >= 500:
+        return TransientPublishError(
+            f"HTTP {code} from Pusher: server error", status=code, retry_after_seconds=retry_after
+        )
+    if code == 401 and "timestamp" in lowered:
+        return TransientPublishError(
+            "HTTP 401 from Pusher: request timestamp rejected (clock skew); will re-sign",
+            status=code,
+            retry_after_seconds=max(retry_after or 0.0, CLOCK_SKEW_DELAY_SECONDS),
+        )
+    if code == 401:
+        return PermanentPublishError(
+            "HTTP 401 from Pusher: authentication failed (check PUSHER_KEY/PUSHER_SECRET)",
+            status=code,
+        )
+    if code == 403 and ("quota" in lowered or "limit" in lowered or "over" in lowered):
+        return TransientPublishError(
+            "HTTP 403 from Pusher: over quota; will retry after the quota resets",
+            status=code,
+            retry_after_seconds=max(retry_after or 0.0, QUOTA_DELAY_SECONDS),
+        )
+    if code == 403:
+        return PermanentPublishError(
+            "HTTP 403 from Pusher: forbidden (app disabled or not allowed)", status=code
+        )
+    if code == 404:
+        return PermanentPublishError(
+            "HTTP 404 from Pusher: unknown app or path (check PUSHER_APP_ID and the host)",
+            status=code,
+        )
+    if code == 413:
+        return PermanentPublishError("HTTP 413 from Pusher: event data too large", status=code)
+    if code == 400:
+        return PermanentPublishError(
+            "HTTP 400 from Pusher: request rejected as invalid", status=code
+        )
+    if 400 <= code < 500:
+        return PermanentPublishError(f"HTTP {code} from Pusher: client error", status=code)
+    return TransientPublishError(f"HTTP {code} from Pusher: unexpected status", status=code)
+
+
+def _error_code_in_body(text: str) -> int | None:
+    """The error code of a ``{"error": …, "code": N}`` body answered with HTTP 200, if any."""
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and "error" in parsed:
+        code = parsed.get("code")
+        return code if isinstance(code, int) and code >= 400 else 400
+    return None
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    if not headers:
+        return None
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def translate_exception(exc: BaseException) -> PublishError:
+    """Map an exception from ``requests`` or the SDK to a payload-free PublishError."""
+    if isinstance(exc, PublishError):
+        return exc
+    if isinstance(exc, requests.Timeout):
+        return TransientPublishError(
+            "timeout: Pusher did not answer in time; delivery unknown, will retry"
+        )
+    if isinstance(exc, requests.ConnectionError):
+        return TransientPublishError("connection error: could not reach Pusher")
+    if isinstance(exc, requests.RequestException):
+        return TransientPublishError(f"HTTP client error ({type(exc).__name__})")
+    if isinstance(exc, pusher.errors.PusherBadRequest):
+        return PermanentPublishError(
+            "HTTP 400 from Pusher: request rejected as invalid", status=400
+        )
+    if isinstance(exc, pusher.errors.PusherBadAuth):
+        return PermanentPublishError("HTTP 401 from Pusher: authentication failed", status=401)
+    if isinstance(exc, pusher.errors.PusherForbidden):
+        return PermanentPublishError("HTTP 403 from Pusher: forbidden", status=403)
+    if isinstance(exc, pusher.errors.PusherBadStatus):
+        status = _leading_status(str(exc))
+        return classify(status, "") or TransientPublishError("unexpected answer from Pusher")
+    if isinstance(exc, ValueError | TypeError):
+        # The SDK validates names and data before sending: nothing was sent.
+        return PermanentPublishError(
+            f"rejected by the Pusher SDK before sending ({type(exc).__name__})"
+        )
+    return TransientPublishError(f"unexpected error while publishing ({type(exc).__name__})")
+
+
+def _leading_status(text: str) -> int:
+    head = text.split(":", 1)[0].strip()
+    return int(head) if head.isdigit() else 500
+
+
+class _Backend:
+    """An HTTP backend for the SDK that reads status, body and headers.
+
+    One ``requests.Session`` per thread, so connections are reused where the server allows it and
+    concurrent publishing threads never share one.
+    """
+
+    def __init__(self, client: Any, **options: Any) -> None:
+        self.client = client
+        self.options = options
+        if client.ssl:
+            self.options.setdefault("verify", True)
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            self._local.session = session
+        return session
+
+    def send_request(self, request: Any) -> Any:
+        try:
+            response = self.session.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.body,
+                timeout=self.client.timeout,
+                **self.options,
+            )
+        except requests.RequestException as exc:
+            raise translate_exception(exc) from None
+        error = classify(response.status_code, response.text, response.headers)
+        if error is not None:
+            raise error
+        try:
+            return json.loads(response.text) if response.text else {}
+        except ValueError:
+            return {}
+
+
+class PusherPublisher:
+    """Publishes batches with the official SDK. One instance per process (it holds a session)."""
+
+    def __init__(
+        self,
+        *,
+        app_id: str,
+        key: str,
+        secret: str,
+        cluster: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        ssl: bool = True,
+        encryption_master_key: bytes | None = None,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        options: dict[str, Any] = {
+            "app_id": app_id,
+            "key": key,
+            "secret": secret,
+            "ssl": ssl,
+            "timeout": timeout_seconds,
+            "backend": _Backend,
+        }
+        if host:
+            options["host"] = host
+            if port:
+                options["port"] = port
+        elif cluster:
+            options["cluster"] = cluster
+        self._client = pusher.Pusher(**options)
+        self._master_key = encryption_master_key
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PusherPublisher:
+        settings.require_pusher()
+        return cls(
+            app_id=settings.pusher_app_id,
+            key=settings.pusher_key,
+            secret=settings.pusher_secret.get_secret_value(),
+            cluster=settings.pusher_cluster,
+            host=settings.pusher_host,
+            port=settings.pusher_port,
+            ssl=settings.pusher_scheme == "https",
+            encryption_master_key=settings.encryption_master_key,
+            timeout_seconds=settings.publish_timeout_seconds,
+        )
+
+    @property
+    def client(self) -> Any:
+        """The underlying ``pusher.Pusher`` client (used for channel authorization)."""
+        return self._client
+
+    def _wire(self, event: OutgoingEvent) -> dict[str, Any]:
+        data = event.data
+        if event.channel.startswith(ENCRYPTED_PREFIX):
+            if self._master_key is None:
+                raise PermanentPublishError(
+                    "encrypted channel but no encryption master key configured "
+                    "(set PUSHER_ENCRYPTION_MASTER_KEY_BASE64)"
+                )
+            data = json.dumps(
+                crypto.encrypt(event.channel, data, self._master_key), ensure_ascii=False
+            )
+        wire: dict[str, Any] = {"channel": event.channel, "name": event.name, "data": data}
+        if event.socket_id:
+            wire["socket_id"] = event.socket_id
+        return wire
+
+    def publish_batch(self, events: Sequence[OutgoingEvent]) -> None:
+        if not events:
+            return
+        if len(events) > MAX_BATCH_EVENTS:
+            raise ValueError(f"at most {MAX_BATCH_EVENTS} events per batch request")
+        # Fresh dicts every call: the SDK may rewrite what it is given.
+        batch = [self._wire(event) for event in events]
+        try:
+            self._client.trigger_batch(batch, already_encoded=True)
+        except PublishError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated at the boundary
+            raise translate_exception(exc) from None

@@ -1,0 +1,235 @@
+"""The relay loop: claim a batch of due rows, publish it, record every outcome.
+
+Plain Python with two collaborators (a :class:`~outbox.store.Store` and a
+:class:`~outbox.publisher.Publisher`), so it runs the same under Celery, in a test, or in a script.
+
+Per-key order inside one claim: the claimed rows are split into lanes by ordering key (one key
+always lands in the same lane); each lane publishes its rows in id order, in requests of up to 10
+events; lanes run concurrently. When a request fails transiently, the lane stops sending rows of
+the failed keys (they are released, not charged an attempt) so nothing overtakes a retrying
+event. When a request of several events fails permanently, its events are sent one by one so
+that one bad event is dead-lettered alone and never blocks the others.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from outbox.errors import PermanentPublishError, PublishError
+from outbox.publisher import MAX_BATCH_EVENTS, OutgoingEvent, Publisher
+from outbox.retry import RetryPolicy
+from outbox.store import ClaimedEvent, Failure, Store, utcnow
+
+logger = logging.getLogger("outbox.relay")
+
+
+@dataclass
+class RelayReport:
+    """What one relay pass did. Counts only; never payloads."""
+
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+    expired: int = 0
+    released: int = 0
+    lost_leases: int = 0
+    requests: int = 0
+    sent_events: list[ClaimedEvent] = field(default_factory=list, repr=False)
+
+    def add(self, other: RelayReport) -> None:
+        self.claimed += other.claimed
+        self.sent += other.sent
+        self.retried += other.retried
+        self.dead += other.dead
+        self.expired += other.expired
+        self.released += other.released
+        self.lost_leases += other.lost_leases
+        self.requests += other.requests
+
+
+@dataclass
+class _LaneResult:
+    sent: list[ClaimedEvent] = field(default_factory=list)
+    failed: list[tuple[ClaimedEvent, PublishError]] = field(default_factory=list)
+    released: list[ClaimedEvent] = field(default_factory=list)
+    requests: int = 0
+
+
+class Relay:
+    """Claim → publish → record. Safe to run in many processes at once."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        publisher: Publisher,
+        retry_policy: RetryPolicy | None = None,
+        claim_batch_size: int = 100,
+        lease_seconds: float = 30.0,
+        publish_concurrency: int = 4,
+        phi_retention_seconds: float = 0.0,
+    ) -> None:
+        if claim_batch_size < 1:
+            raise ValueError("claim_batch_size must be at least 1")
+        if publish_concurrency < 1:
+            raise ValueError("publish_concurrency must be at least 1")
+        self.store = store
+        self.publisher = publisher
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.claim_batch_size = claim_batch_size
+        self.lease_seconds = lease_seconds
+        self.publish_concurrency = publish_concurrency
+        self.erase_phi_now = phi_retention_seconds <= 0
+        self._pool = (
+            ThreadPoolExecutor(publish_concurrency, thread_name_prefix="outbox-publish")
+            if publish_concurrency > 1
+            else None
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # --- one pass ------------------------------------------------------------------------
+
+    def run_once(self) -> RelayReport:
+        """Claim one batch and deliver it. Returns what happened."""
+        claim = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
+        report = RelayReport(claimed=len(claim.events), expired=claim.expired)
+        if not claim.events:
+            return report
+        now = utcnow()
+        live: list[ClaimedEvent] = []
+        late: list[ClaimedEvent] = []
+        broken: list[Failure] = []
+        for ev in claim.events:
+            if ev.expires_at is not None and ev.expires_at <= now:
+                late.append(ev)
+            elif ev.data is None:
+                broken.append(
+                    Failure(ev, "payload missing (erased before delivery); cannot publish", None)
+                )
+            else:
+                live.append(ev)
+        report.expired += self.store.expire(late)
+
+        lanes = self._lanes(live)
+        if self._pool is not None and len(lanes) > 1:
+            results = list(self._pool.map(self._publish_lane, lanes))
+        else:
+            results = [self._publish_lane(lane) for lane in lanes]
+
+        sent = [ev for result in results for ev in result.sent]
+        released = [ev for result in results for ev in result.released]
+        failures = broken + [
+            self._decide(ev, error, now) for result in results for ev, error in result.failed
+        ]
+        report.requests = sum(result.requests for result in results)
+        owned = self.store.mark_sent(sent, erase_phi_now=self.erase_phi_now)
+        report.sent = len(sent)
+        report.sent_events = sent
+        report.lost_leases += len(sent) - owned
+        report.released = self.store.release(released)
+        self.store.record_failures(failures)
+        report.dead = sum(1 for f in failures if f.retry_at is None)
+        report.retried = len(failures) - report.dead
+        if report.lost_leases:
+            logger.warning(
+                "outbox lease lost before recording; another worker took the rows over",
+                extra={"rows": report.lost_leases},
+            )
+        for failure in failures:
+            logger.warning(
+                "outbox publish failed",
+                extra={
+                    "event_id": failure.event.event_id,
+                    "type": failure.event.type_name,
+                    "attempt": failure.event.attempts,
+                    "outcome": "dead" if failure.retry_at is None else "retry",
+                    "reason": failure.reason,
+                },
+            )
+        return report
+
+    def drain(self, *, max_seconds: float = 10.0) -> RelayReport:
+        """Run passes until nothing is due or ``max_seconds`` have passed."""
+        deadline = time.monotonic() + max_seconds
+        total = RelayReport()
+        reclaimed = self.store.reclaim_expired_leases()
+        if reclaimed:
+            logger.warning("outbox reclaimed rows whose lease expired", extra={"rows": reclaimed})
+        while True:
+            report = self.run_once()
+            total.add(report)
+            if report.claimed == 0 and report.expired == 0:
+                break
+            if time.monotonic() >= deadline:
+                break
+        return total
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _lanes(self, claimed: Sequence[ClaimedEvent]) -> list[list[ClaimedEvent]]:
+        lanes: dict[int, list[ClaimedEvent]] = {}
+        for ev in claimed:
+            lane = zlib.crc32(ev.ordering_key.encode()) % self.publish_concurrency
+            lanes.setdefault(lane, []).append(ev)
+        return [sorted(lane, key=lambda ev: ev.id) for lane in lanes.values()]
+
+    def _publish_lane(self, lane: Sequence[ClaimedEvent]) -> _LaneResult:
+        """Publish one lane in order; see the module docstring for the failure rules."""
+        result = _LaneResult()
+        queue = deque(lane)
+        blocked: set[str] = set()
+        singles = 0  # events left to send one by one after a permanent batch failure
+        while queue:
+            chunk: list[ClaimedEvent] = []
+            limit = 1 if singles else MAX_BATCH_EVENTS
+            while queue and len(chunk) < limit:
+                ev = queue.popleft()
+                if ev.ordering_key in blocked:
+                    result.released.append(ev)
+                else:
+                    chunk.append(ev)
+            if not chunk:
+                break
+            singles = max(singles - len(chunk), 0)
+            try:
+                result.requests += 1
+                self.publisher.publish_batch(
+                    [
+                        OutgoingEvent(
+                            ev.channel, ev.event_name, ev.data or "", ev.exclude_socket_id
+                        )
+                        for ev in chunk
+                    ]
+                )
+            except PublishError as error:
+                if isinstance(error, PermanentPublishError) and len(chunk) > 1:
+                    singles = len(chunk)
+                    queue.extendleft(reversed(chunk))
+                    continue
+                for ev in chunk:
+                    result.failed.append((ev, error))
+                    if error.transient:
+                        blocked.add(ev.ordering_key)
+            else:
+                result.sent.extend(chunk)
+        return result
+
+    def _decide(self, ev: ClaimedEvent, error: PublishError, now: dt.datetime) -> Failure:
+        age = (now - ev.created_at).total_seconds()
+        delay = self.retry_policy.next_delay(attempts=ev.attempts, age_seconds=age, error=error)
+        reason = error.reason
+        if delay is None and error.transient:
+            reason = f"{reason} (gave up after {ev.attempts} attempts)"
+        retry_at = None if delay is None else now + dt.timedelta(seconds=delay)
+        return Failure(ev, reason, retry_at, error.status)

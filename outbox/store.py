@@ -1,0 +1,742 @@
+"""Every SQL statement that inserts, claims, leases, marks, erases and purges outbox rows.
+
+Written with SQLAlchemy Core. Dialect differences live here and nowhere else:
+
+* PostgreSQL claims with ``FOR UPDATE SKIP LOCKED`` and takes every timestamp from the database
+  clock (``now()``), so workers on hosts with skewed clocks agree.
+* SQLite (the embedded default) has a single writer: the relay's engine runs every transaction
+  as ``BEGIN IMMEDIATE`` in WAL mode with a busy timeout, so several relay processes serialize
+  their short claim transactions instead of failing with "database is locked". Its clock is the
+  host's clock, which is the database's clock for an embedded database.
+
+Claims only set a lease (token and expiry); Pusher is called outside any transaction; every final
+write checks the row id *and* the lease token, so a worker whose lease was taken over cannot
+overwrite the new owner's result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine
+
+from outbox.models import OPEN_STATUSES, TERMINAL_STATUSES, Status, UTCDateTime, audit, events
+
+ATTEMPT_LOG_LIMIT = 20
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_engine(database_url: str, **kwargs: Any) -> Engine:
+    """An engine configured for the relay: WAL, busy timeout and ``BEGIN IMMEDIATE`` on SQLite.
+
+    Create one per process (after fork); never share an engine across a fork.
+    """
+    if database_url.startswith("sqlite"):
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_SECONDS)
+        connect_args.setdefault("check_same_thread", False)
+        engine = sa.create_engine(database_url, connect_args=connect_args, **kwargs)
+        configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(database_url, **kwargs)
+
+
+def configure_sqlite(engine: Engine) -> None:
+    """WAL journal, busy timeout and immediate (write-locking) transactions for ``engine``."""
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def now_expr(dialect_name: str, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
+    """The database clock (PostgreSQL) or the host clock (SQLite), plus an offset, as SQL."""
+    if dialect_name == "postgresql":
+        expr: sa.ColumnElement[Any] = sa.func.clock_timestamp()
+        if offset_seconds:
+            expr = expr + sa.literal(dt.timedelta(seconds=offset_seconds), sa.Interval())
+        return expr
+    return sa.literal(utcnow() + dt.timedelta(seconds=offset_seconds), UTCDateTime())
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """The row an enqueue wrote, or found by its deduplication key."""
+
+    id: int
+    event_id: str
+    created: bool
+
+
+def insert_event(
+    conn: Connection, values: Mapping[str, Any], *, ttl_seconds: float | None
+) -> Inserted:
+    """Insert one outbox row in the caller's transaction; never commits.
+
+    With a ``dedup_key``, a concurrent or earlier row with the same key wins and is returned
+    (``created=False``): ``INSERT … ON CONFLICT DO NOTHING`` waits for a concurrent transaction
+    holding the key, so two transactions racing on one key end with one row.
+    """
+    e = events
+    dialect = conn.dialect.name
+    row = dict(values)
+    row["created_at"] = now_expr(dialect)
+    row["available_at"] = now_expr(dialect)
+    row["expires_at"] = now_expr(dialect, ttl_seconds) if ttl_seconds is not None else None
+    row["status"] = Status.PENDING.value
+    row["attempts"] = 0
+    if row.get("dedup_key") is None:
+        new_id = conn.execute(sa.insert(e).values(**row).returning(e.c.id)).scalar_one()
+        return Inserted(int(new_id), str(row["event_id"]), True)
+    insert: Any
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        insert = pg_insert(e)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        insert = sqlite_insert(e)
+    stmt = (
+        insert.values(**row)
+        .on_conflict_do_nothing(index_elements=[e.c.dedup_key])
+        .returning(e.c.id, e.c.event_id)
+    )
+    created = conn.execute(stmt).first()
+    if created is not None:
+        return Inserted(int(created.id), str(created.event_id), True)
+    existing = conn.execute(
+        sa.select(e.c.id, e.c.event_id).where(e.c.dedup_key == row["dedup_key"])
+    ).one()
+    return Inserted(int(existing.id), str(existing.event_id), False)
+
+
+def insert_audit(conn: Connection, **values: Any) -> None:
+    """Record one authorization decision (no PHI: opaque references and channel names only)."""
+    conn.execute(sa.insert(audit).values(at=now_expr(conn.dialect.name), **values))
+
+
+def list_audit(
+    engine: Engine,
+    *,
+    decision: str | None = None,
+    channel_prefix: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Authorization decisions, newest first."""
+    query = sa.select(audit).order_by(audit.c.id.desc()).limit(limit).offset(offset)
+    if decision is not None:
+        query = query.where(audit.c.decision == decision)
+    if channel_prefix is not None:
+        query = query.where(audit.c.channel.startswith(channel_prefix, autoescape=True))
+    if since is not None:
+        query = query.where(audit.c.at >= since)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    """A row leased by one relay. ``data`` is the exact JSON text to send (plaintext)."""
+
+    id: int
+    event_id: str
+    type_name: str
+    channel: str
+    event_name: str
+    ordering_key: str
+    data: str | None
+    encrypted: bool
+    contains_phi: bool
+    exclude_socket_id: str | None
+    attempts: int
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    lease_token: str
+    attempt_log: str | None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The outcome of a failed publish for one claimed row."""
+
+    event: ClaimedEvent
+    reason: str
+    retry_at: dt.datetime | None  # None: dead letter
+    status_code: int | None = None
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    events: list[ClaimedEvent]
+    expired: int
+
+
+def _append_log(log: str | None, entry: Mapping[str, Any]) -> str:
+    entries: list[Any] = []
+    if log:
+        try:
+            loaded = json.loads(log)
+            if isinstance(loaded, list):
+                entries = loaded
+        except ValueError:
+            entries = []
+    entries.append(dict(entry))
+    return json.dumps(entries[-ATTEMPT_LOG_LIMIT:], separators=(",", ":"))
+
+
+class Store:
+    """The outbox table, seen from the relay and the operator tools."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    # --- time ----------------------------------------------------------------------------
+
+    def _now(self, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
+        return now_expr(self.engine.dialect.name, offset_seconds)
+
+    def db_now(self, conn: Connection) -> dt.datetime:
+        if self.is_postgres:
+            value = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+            assert isinstance(value, dt.datetime)
+            return value.astimezone(dt.UTC)
+        return utcnow()
+
+    # --- claim ---------------------------------------------------------------------------
+
+    def claim(self, *, limit: int, lease_seconds: float) -> ClaimResult:
+        """Lease up to ``limit`` due rows, oldest first, keeping per-key order.
+
+        A row is claimable when it is pending and due, and no earlier row of its ordering key is
+        leased, waiting for a retry, or (PostgreSQL) locked by a concurrent claimer. Due rows past
+        their time-to-live are marked expired in the same short transaction instead.
+        """
+        e = events
+        b = events.alias("earlier")
+        blocked = (
+            sa.select(sa.literal(1))
+            .where(
+                b.c.ordering_key == e.c.ordering_key,
+                b.c.id < e.c.id,
+                b.c.status.in_(OPEN_STATUSES),
+                sa.or_(b.c.status == Status.IN_FLIGHT.value, b.c.available_at > self._now()),
+            )
+            .exists()
+        )
+        candidates = (
+            sa.select(e.c.id, e.c.ordering_key, e.c.expires_at, e.c.contains_phi)
+            .where(e.c.status == Status.PENDING.value, e.c.available_at <= self._now(), ~blocked)
+            .order_by(e.c.id)
+            .limit(limit)
+        )
+        if self.is_postgres:
+            candidates = candidates.with_for_update(skip_locked=True, of=e)
+        token = str(uuid.uuid4())
+        with self.engine.begin() as conn:
+            rows = conn.execute(candidates).all()
+            if not rows:
+                return ClaimResult([], 0)
+            now = self.db_now(conn)
+            expired_ids = [r.id for r in rows if r.expires_at is not None and r.expires_at <= now]
+            live = [r for r in rows if r.id not in set(expired_ids)]
+            if self.is_postgres and live:
+                live = self._drop_overtaking(conn, live)
+            expired = self._mark_expired(conn, expired_ids) if expired_ids else 0
+            if not live:
+                return ClaimResult([], expired)
+            claimed = conn.execute(
+                sa.update(e)
+                .where(e.c.id.in_([r.id for r in live]))
+                .values(
+                    status=Status.IN_FLIGHT.value,
+                    lease_token=token,
+                    lease_expires_at=self._now(lease_seconds),
+                    attempts=e.c.attempts + 1,
+                )
+                .returning(
+                    e.c.id,
+                    e.c.event_id,
+                    e.c.type_name,
+                    e.c.channel,
+                    e.c.event_name,
+                    e.c.ordering_key,
+                    e.c.data,
+                    e.c.encrypted,
+                    e.c.contains_phi,
+                    e.c.exclude_socket_id,
+                    e.c.attempts,
+                    e.c.created_at,
+                    e.c.expires_at,
+                    e.c.attempt_log,
+                )
+            ).all()
+        result = [
+            ClaimedEvent(
+                id=r.id,
+                event_id=r.event_id,
+                type_name=r.type_name,
+                channel=r.channel,
+                event_name=r.event_name,
+                ordering_key=r.ordering_key,
+                data=r.data,
+                encrypted=r.encrypted,
+                contains_phi=r.contains_phi,
+                exclude_socket_id=r.exclude_socket_id,
+                attempts=r.attempts,
+                created_at=r.created_at,
+                expires_at=r.expires_at,
+                lease_token=token,
+                attempt_log=r.attempt_log,
+            )
+            for r in claimed
+        ]
+        result.sort(key=lambda ev: ev.id)
+        return ClaimResult(result, expired)
+
+    def _drop_overtaking(self, conn: Connection, rows: Sequence[Any]) -> list[Any]:
+        """Drop candidates that would overtake an earlier open row we did not lock.
+
+        ``SKIP LOCKED`` skips rows another claimer is leasing right now; a later row of the same
+        key must then wait, or the two workers would publish one key out of order.
+        """
+        ids = [r.id for r in rows]
+        keys = sorted({r.ordering_key for r in rows})
+        e = events
+        first_open = dict(
+            conn.execute(
+                sa.select(e.c.ordering_key, sa.func.min(e.c.id))
+                .where(
+                    e.c.ordering_key.in_(keys),
+                    e.c.status.in_(OPEN_STATUSES),
+                    e.c.id.not_in(ids),
+                )
+                .group_by(e.c.ordering_key)
+            ).all()
+        )
+        return [
+            r for r in rows if r.ordering_key not in first_open or r.id < first_open[r.ordering_key]
+        ]
+
+    def _mark_expired(self, conn: Connection, ids: Sequence[int]) -> int:
+        e = events
+        result = conn.execute(
+            sa.update(e)
+            .where(e.c.id.in_(ids), e.c.status.in_(OPEN_STATUSES))
+            .values(
+                status=Status.EXPIRED.value,
+                finished_at=self._now(),
+                lease_token=None,
+                lease_expires_at=None,
+                **self._erase_phi_values(),
+            )
+        )
+        return int(result.rowcount or 0)
+
+    def _erase_phi_values(self) -> dict[str, Any]:
+        """Values that erase the payload of PHI rows at once (retention 0 for PHI)."""
+        e = events
+        return {
+            "data": sa.case((e.c.contains_phi, sa.null()), else_=e.c.data),
+            "payload_erased_at": sa.case((e.c.contains_phi, self._now()), else_=sa.null()),
+        }
+
+    # --- final writes (row id + lease token) ----------------------------------------------
+
+    def mark_sent(self, claimed: Sequence[ClaimedEvent], *, erase_phi_now: bool) -> int:
+        """Mark rows sent; returns how many this lease still owned."""
+        if not claimed:
+            return 0
+        e = events
+        values: dict[str, Any] = {
+            "status": Status.SENT.value,
+            "sent_at": self._now(),
+            "finished_at": self._now(),
+            "lease_token": None,
+            "lease_expires_at": None,
+            "last_error": None,
+        }
+        if erase_phi_now:
+            values.update(self._erase_phi_values())
+        total = 0
+        for token, ids in _group_by_token(claimed).items():
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    sa.update(e)
+                    .where(
+                        e.c.id.in_(ids),
+                        e.c.lease_token == token,
+                        e.c.status == Status.IN_FLIGHT.value,
+                    )
+                    .values(**values)
+                )
+                total += int(result.rowcount or 0)
+        return total
+
+    def release(self, claimed: Sequence[ClaimedEvent]) -> int:
+        """Give rows back without charging an attempt (they were never sent)."""
+        if not claimed:
+            return 0
+        e = events
+        total = 0
+        for token, ids in _group_by_token(claimed).items():
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    sa.update(e)
+                    .where(
+                        e.c.id.in_(ids),
+                        e.c.lease_token == token,
+                        e.c.status == Status.IN_FLIGHT.value,
+                    )
+                    .values(
+                        status=Status.PENDING.value,
+                        attempts=e.c.attempts - 1,
+                        lease_token=None,
+                        lease_expires_at=None,
+                    )
+                )
+                total += int(result.rowcount or 0)
+        return total
+
+    def record_failures(self, failures: Sequence[Failure]) -> int:
+        """Schedule a retry or dead-letter each failed row; reasons are already sanitized."""
+        if not failures:
+            return 0
+        e = events
+        total = 0
+        with self.engine.begin() as conn:
+            now = self.db_now(conn)
+            for failure in failures:
+                ev = failure.event
+                dead = failure.retry_at is None
+                log = _append_log(
+                    ev.attempt_log,
+                    {
+                        "at": now.isoformat(timespec="milliseconds"),
+                        "attempt": ev.attempts,
+                        "outcome": "dead" if dead else "retry",
+                        "status": failure.status_code,
+                        "reason": failure.reason[:200],
+                    },
+                )
+                values: dict[str, Any] = {
+                    "status": Status.DEAD.value if dead else Status.PENDING.value,
+                    "lease_token": None,
+                    "lease_expires_at": None,
+                    "last_error": failure.reason[:500],
+                    "attempt_log": log,
+                }
+                if dead:
+                    values["finished_at"] = now
+                else:
+                    values["available_at"] = failure.retry_at
+                result = conn.execute(
+                    sa.update(e)
+                    .where(
+                        e.c.id == ev.id,
+                        e.c.lease_token == ev.lease_token,
+                        e.c.status == Status.IN_FLIGHT.value,
+                    )
+                    .values(**values)
+                )
+                total += int(result.rowcount or 0)
+        return total
+
+    def expire(self, claimed: Sequence[ClaimedEvent]) -> int:
+        """Mark leased rows expired (their time-to-live passed while retrying)."""
+        if not claimed:
+            return 0
+        e = events
+        total = 0
+        for token, ids in _group_by_token(claimed).items():
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    sa.update(e)
+                    .where(
+                        e.c.id.in_(ids),
+                        e.c.lease_token == token,
+                        e.c.status == Status.IN_FLIGHT.value,
+                    )
+                    .values(
+                        status=Status.EXPIRED.value,
+                        finished_at=self._now(),
+                        lease_token=None,
+                        lease_expires_at=None,
+                        **self._erase_phi_values(),
+                    )
+                )
+                total += int(result.rowcount or 0)
+        return total
+
+    # --- sweeping ------------------------------------------------------------------------
+
+    def reclaim_expired_leases(self) -> int:
+        """Return rows whose lease ran out (worker died) to ``pending``, due now."""
+        e = events
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.update(e)
+                .where(e.c.status == Status.IN_FLIGHT.value, e.c.lease_expires_at < self._now())
+                .values(
+                    status=Status.PENDING.value,
+                    lease_token=None,
+                    lease_expires_at=None,
+                    available_at=self._now(),
+                    last_error="lease expired: the worker holding it stopped or timed out",
+                )
+            )
+            return int(result.rowcount or 0)
+
+    def expire_overdue(self, *, limit: int = 1000) -> int:
+        """Mark pending rows past their time-to-live as expired (bounded batch)."""
+        e = events
+        with self.engine.begin() as conn:
+            ids = (
+                conn.execute(
+                    sa.select(e.c.id)
+                    .where(
+                        e.c.status == Status.PENDING.value,
+                        e.c.expires_at.is_not(None),
+                        e.c.expires_at <= self._now(),
+                    )
+                    .order_by(e.c.id)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return 0
+            return self._mark_expired(conn, ids)
+
+    def erase_payloads(
+        self,
+        *,
+        phi_retention_seconds: float,
+        payload_retention_seconds: float,
+        dead_retention_seconds: float,
+        limit: int = 1000,
+    ) -> int:
+        """Erase payloads of finished rows older than their retention (bounded batch).
+
+        Sent and expired rows: PHI payloads after ``phi_retention_seconds``, others after
+        ``payload_retention_seconds``. Dead rows keep their payload for redrive until
+        ``dead_retention_seconds``. Metadata stays for monitoring.
+        """
+        e = events
+        finished_sent = e.c.status.in_((Status.SENT.value, Status.EXPIRED.value))
+        condition = sa.or_(
+            sa.and_(
+                finished_sent,
+                e.c.contains_phi,
+                e.c.finished_at <= self._now(-phi_retention_seconds),
+            ),
+            sa.and_(
+                finished_sent,
+                ~e.c.contains_phi,
+                e.c.finished_at <= self._now(-payload_retention_seconds),
+            ),
+            sa.and_(
+                e.c.status == Status.DEAD.value,
+                e.c.finished_at <= self._now(-dead_retention_seconds),
+            ),
+        )
+        with self.engine.begin() as conn:
+            ids = (
+                conn.execute(
+                    sa.select(e.c.id)
+                    .where(e.c.data.is_not(None), e.c.finished_at.is_not(None), condition)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return 0
+            result = conn.execute(
+                sa.update(e)
+                .where(e.c.id.in_(ids), e.c.status.in_(TERMINAL_STATUSES))
+                .values(data=None, payload_erased_at=self._now())
+            )
+            return int(result.rowcount or 0)
+
+    def purge(
+        self,
+        *,
+        older_than_seconds: float,
+        statuses: Iterable[str] = TERMINAL_STATUSES,
+        limit: int = 1000,
+    ) -> int:
+        """Delete terminal rows finished more than ``older_than_seconds`` ago (bounded batch)."""
+        wanted = [s for s in statuses if s in TERMINAL_STATUSES]
+        if not wanted:
+            return 0
+        e = events
+        with self.engine.begin() as conn:
+            ids = (
+                conn.execute(
+                    sa.select(e.c.id)
+                    .where(
+                        e.c.status.in_(wanted),
+                        e.c.finished_at.is_not(None),
+                        e.c.finished_at <= self._now(-older_than_seconds),
+                    )
+                    .order_by(e.c.id)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return 0
+            result = conn.execute(
+                sa.delete(e).where(e.c.id.in_(ids), e.c.status.in_(TERMINAL_STATUSES))
+            )
+            return int(result.rowcount or 0)
+
+    # --- dead letters --------------------------------------------------------------------
+
+    def redrive(self, ids: Sequence[int] | None = None, *, type_name: str | None = None) -> int:
+        """Put dead rows back to pending, due now, with their attempt count reset.
+
+        Rows whose payload was already erased cannot be redriven and are left dead.
+        """
+        e = events
+        conditions = [e.c.status == Status.DEAD.value, e.c.data.is_not(None)]
+        if ids is not None:
+            conditions.append(e.c.id.in_(list(ids)))
+        if type_name is not None:
+            conditions.append(e.c.type_name == type_name)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.update(e)
+                .where(*conditions)
+                .values(
+                    status=Status.PENDING.value,
+                    attempts=0,
+                    available_at=self._now(),
+                    finished_at=None,
+                    last_error=None,
+                )
+            )
+            return int(result.rowcount or 0)
+
+    def list_dead(
+        self, *, type_name: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Metadata of dead rows, newest first. Never the payload."""
+        e = events
+        query = (
+            sa.select(
+                e.c.id,
+                e.c.event_id,
+                e.c.type_name,
+                e.c.event_name,
+                e.c.attempts,
+                e.c.created_at,
+                e.c.finished_at,
+                e.c.last_error,
+                (e.c.data.is_not(None)).label("payload_held"),
+            )
+            .where(e.c.status == Status.DEAD.value)
+            .order_by(e.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        if type_name is not None:
+            query = query.where(e.c.type_name == type_name)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def show(self, row_id: int) -> dict[str, Any] | None:
+        """Metadata and attempt history of one row. Never the payload."""
+        e = events
+        columns = [c for c in e.c if c.name not in ("data",)]
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(*columns, (e.c.data.is_not(None)).label("payload_held")).where(
+                    e.c.id == row_id
+                )
+            ).first()
+        if row is None:
+            return None
+        result = dict(row._mapping)
+        result["attempt_log"] = json.loads(result["attempt_log"]) if result["attempt_log"] else []
+        return result
+
+    # --- monitoring ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by status and type, due now, retrying, and the age of the oldest due row."""
+        e = events
+        with self.engine.connect() as conn:
+            now = self.db_now(conn)
+            by_status = {
+                status: count
+                for status, count in conn.execute(
+                    sa.select(e.c.status, sa.func.count()).group_by(e.c.status)
+                ).all()
+            }
+            by_type: dict[str, dict[str, int]] = {}
+            for type_name, status, count in conn.execute(
+                sa.select(e.c.type_name, e.c.status, sa.func.count()).group_by(
+                    e.c.type_name, e.c.status
+                )
+            ).all():
+                by_type.setdefault(type_name, {})[status] = count
+            oldest_due = conn.execute(
+                sa.select(sa.func.min(e.c.available_at)).where(
+                    e.c.status == Status.PENDING.value, e.c.available_at <= self._now()
+                )
+            ).scalar()
+            due_now = conn.execute(
+                sa.select(sa.func.count()).where(
+                    e.c.status == Status.PENDING.value, e.c.available_at <= self._now()
+                )
+            ).scalar_one()
+            retrying = conn.execute(
+                sa.select(sa.func.count()).where(
+                    e.c.status == Status.PENDING.value, e.c.attempts > 0
+                )
+            ).scalar_one()
+        if isinstance(oldest_due, str):  # SQLite aggregate loses the column type
+            oldest_due = dt.datetime.fromisoformat(oldest_due).replace(tzinfo=dt.UTC)
+        lag = (now - oldest_due).total_seconds() if oldest_due is not None else 0.0
+        return {
+            "by_status": {s.value: int(by_status.get(s.value, 0)) for s in Status},
+            "by_type": by_type,
+            "due_now": int(due_now),
+            "retrying": int(retrying),
+            "lag_seconds": max(lag, 0.0),
+        }
+
+
+def _group_by_token(claimed: Sequence[ClaimedEvent]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for ev in claimed:
+        grouped.setdefault(ev.lease_token, []).append(ev.id)
+    return grouped

@@ -1,0 +1,65 @@
+"""Celery tasks. Messages carry row ids only (integers), never payloads.
+
+``relay`` is the after-commit kick: it wakes a relay at once. ``sweep`` runs periodically (beat)
+and delivers anything a kick missed, returns rows of dead workers, expires, erases and purges.
+The due time of a retry lives in the table; no task is ever scheduled with a long countdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from workers import runtime
+from workers.app import RELAY_TASK, SWEEP_TASK, app
+
+logger = logging.getLogger("workers.tasks")
+
+
+@app.task(name=RELAY_TASK, ignore_result=True)
+def relay(row_ids: Sequence[int] = ()) -> dict[str, int]:
+    """Deliver due rows now. ``row_ids`` are hints for logs; order comes from the table."""
+    if not all(isinstance(row_id, int) for row_id in row_ids):
+        raise TypeError("relay task takes integer row ids only")
+    rt = runtime.get()
+    report = rt.relay.drain(max_seconds=rt.settings.drain_seconds)
+    return _counts(report)
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep() -> dict[str, int]:
+    """Deliver what kicks missed, reclaim expired leases, expire, erase and purge (bounded)."""
+    rt = runtime.get()
+    settings = rt.settings
+    expired = rt.store.expire_overdue()
+    report = rt.relay.drain(max_seconds=settings.drain_seconds)
+    erased = rt.store.erase_payloads(
+        phi_retention_seconds=settings.phi_retention_seconds,
+        payload_retention_seconds=settings.payload_retention_seconds,
+        dead_retention_seconds=settings.dead_retention_seconds,
+    )
+    purged = rt.store.purge(older_than_seconds=settings.row_retention_seconds)
+    counts = _counts(report)
+    counts.update(expired=counts["expired"] + expired, erased=erased, purged=purged)
+    return counts
+
+
+def _counts(report: Any) -> dict[str, int]:
+    return {
+        "claimed": report.claimed,
+        "sent": report.sent,
+        "retried": report.retried,
+        "dead": report.dead,
+        "expired": report.expired,
+        "released": report.released,
+    }
+
+
+def kick(row_ids: Sequence[int]) -> None:
+    """The ``on_commit`` callback for :class:`outbox.Outbox`: enqueue one relay task.
+
+    Fails fast (no publish retries, short connect timeout) so an app's request never waits on a
+    broker that is down; the periodic sweep delivers the rows anyway.
+    """
+    relay.apply_async(args=([int(row_id) for row_id in row_ids],), retry=False)
