@@ -18,6 +18,7 @@ Two SDK behaviours we deliberately avoid (see DESIGN.md, "Pusher facts that bite
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import threading
@@ -255,6 +256,9 @@ class PusherPublisher:
             "timeout": timeout_seconds,
             "backend": _Backend,
         }
+        if encryption_master_key is not None:
+            # The client also answers channel authorization (shared_secret for encrypted channels).
+            options["encryption_master_key_base64"] = base64.b64encode(encryption_master_key)
         if host:
             options["host"] = host
             if port:

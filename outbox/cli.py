@@ -1,0 +1,274 @@
+"""The ``outbox`` command: migrations, queue statistics, health, dead letters, purge, keys.
+
+Output never contains payload values: only ids, types, counts, times and sanitized reasons.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from outbox import __version__
+from outbox.errors import OutboxError
+from outbox.migration import current_revision, head_revision, upgrade_to_head
+from outbox.models import TERMINAL_STATUSES
+from outbox.settings import Settings, load_settings
+from outbox.store import Store, create_engine, list_audit
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATS_SCHEMA_VERSION = 1
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _store(settings: Settings) -> Store:
+    return Store(create_engine(settings.database_url))
+
+
+def _require_schema(settings: Settings) -> None:
+    try:
+        current = current_revision(settings.database_url)
+    except Exception as exc:  # noqa: BLE001 - report the database problem without a traceback
+        raise click.ClickException(
+            f"cannot open the database from OUTBOX_DATABASE_URL ({type(exc).__name__}); check "
+            "that it is reachable"
+        ) from None
+    if current is None:
+        raise click.ClickException("the database has no outbox tables yet: run `outbox migrate`")
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return str(value)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="outbox")
+def main() -> None:
+    """pusher-outbox: relay realtime notifications to Pusher without exposing PHI."""
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the outbox tables (Alembic, idempotent)."""
+    settings = _settings()
+    try:
+        upgrade_to_head(settings.database_url)
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"outbox schema at revision {head_revision()}")
+
+
+@main.command()
+def keygen() -> None:
+    """Print a new random encryption master key (32 bytes, base64)."""
+    click.echo(base64.b64encode(os.urandom(32)).decode("ascii"))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable schema).")
+def stats(as_json: bool) -> None:
+    """Counts by status and type, events due now, retrying, dead, and the lag."""
+    settings = _settings()
+    _require_schema(settings)
+    data = _store(settings).stats()
+    if as_json:
+        click.echo(
+            json.dumps({"schema": STATS_SCHEMA_VERSION, **data}, default=_json_default, indent=2)
+        )
+        return
+    by_status = data["by_status"]
+    click.echo("status     " + "  ".join(f"{name}={count}" for name, count in by_status.items()))
+    click.echo(f"due now    {data['due_now']}")
+    click.echo(f"retrying   {data['retrying']}")
+    click.echo(f"lag        {data['lag_seconds']:.1f}s (age of the oldest due event)")
+    if data["by_type"]:
+        click.echo("")
+        statuses = list(by_status)
+        width = max(len(name) for name in data["by_type"]) + 2
+        click.echo("type".ljust(width) + "".join(s.rjust(11) for s in statuses))
+        for type_name, counts in sorted(data["by_type"].items()):
+            click.echo(
+                type_name.ljust(width) + "".join(str(counts.get(s, 0)).rjust(11) for s in statuses)
+            )
+
+
+@main.command()
+@click.option("--max-lag-seconds", type=float, default=60.0, show_default=True)
+@click.option("--warn-lag-seconds", type=float, default=15.0, show_default=True)
+@click.option("--max-dead", type=int, default=0, show_default=True, help="Critical above this.")
+def health(max_lag_seconds: float, warn_lag_seconds: float, max_dead: int) -> None:
+    """One line; exit 0 ok, 1 warn, 2 critical (lag or dead letters past thresholds)."""
+    try:
+        settings = load_settings()
+        data = Store(create_engine(settings.database_url)).stats()
+    except Exception as exc:  # noqa: BLE001 - a health check reports, it does not crash
+        click.echo(f"CRITICAL cannot read the outbox ({type(exc).__name__})")
+        sys.exit(2)
+    lag = data["lag_seconds"]
+    dead = data["by_status"]["dead"]
+    line = f"lag={lag:.1f}s due={data['due_now']} retrying={data['retrying']} dead={dead}"
+    if lag > max_lag_seconds or dead > max_dead:
+        click.echo(f"CRITICAL {line}")
+        sys.exit(2)
+    if lag > warn_lag_seconds:
+        click.echo(f"WARN {line}")
+        sys.exit(1)
+    click.echo(f"OK {line}")
+
+
+@main.group()
+def dead() -> None:
+    """Dead letters: list, show, redrive."""
+
+
+@dead.command("list")
+@click.option("--type", "type_name", help="Only this notification type.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--json", "as_json", is_flag=True)
+def dead_list(type_name: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """Dead rows, newest first (metadata and sanitized reasons only)."""
+    settings = _settings()
+    _require_schema(settings)
+    rows = _store(settings).list_dead(type_name=type_name, limit=limit, offset=offset)
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=2))
+        return
+    if not rows:
+        click.echo("no dead letters")
+        return
+    for row in rows:
+        click.echo(
+            f"{row['id']:>8}  {row['event_id']}  {row['type_name']}  attempts={row['attempts']}  "
+            f"{row['last_error'] or ''}"
+        )
+
+
+@dead.command("show")
+@click.argument("row_id", type=int)
+def dead_show(row_id: int) -> None:
+    """One row's metadata and attempt history (never the payload)."""
+    settings = _settings()
+    _require_schema(settings)
+    row = _store(settings).show(row_id)
+    if row is None:
+        raise click.ClickException(f"no outbox row with id {row_id}")
+    click.echo(json.dumps(row, default=_json_default, indent=2))
+
+
+@dead.command("redrive")
+@click.argument("row_ids", type=int, nargs=-1)
+@click.option("--type", "type_name", help="Redrive dead rows of this type.")
+@click.option("--all", "redrive_all", is_flag=True, help="Redrive every dead row.")
+def dead_redrive(row_ids: tuple[int, ...], type_name: str | None, redrive_all: bool) -> None:
+    """Put dead rows back in the queue (by id, by --type, or --all)."""
+    if not row_ids and type_name is None and not redrive_all:
+        raise click.UsageError("name row ids, --type TYPE or --all")
+    settings = _settings()
+    _require_schema(settings)
+    count = _store(settings).redrive(list(row_ids) if row_ids else None, type_name=type_name)
+    click.echo(f"redriven {count} row(s)")
+
+
+@main.command()
+@click.option(
+    "--older-than-seconds", type=click.FloatRange(0), default=None, help="Default: retention."
+)
+@click.option(
+    "--status", "statuses", multiple=True, type=click.Choice(TERMINAL_STATUSES), help="Repeatable."
+)
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+def purge(older_than_seconds: float | None, statuses: tuple[str, ...], batch: int) -> None:
+    """Delete finished rows (sent, dead, expired) in bounded batches. Ctrl-C stops safely."""
+    settings = _settings()
+    _require_schema(settings)
+    store = _store(settings)
+    age = settings.row_retention_seconds if older_than_seconds is None else older_than_seconds
+    total = 0
+    try:
+        while True:
+            deleted = store.purge(
+                older_than_seconds=age, statuses=statuses or TERMINAL_STATUSES, limit=batch
+            )
+            total += deleted
+            if deleted < batch:
+                break
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; purged {total} row(s) so far (each batch is its own transaction)")
+        sys.exit(130)
+    click.echo(f"purged {total} row(s)")
+
+
+@main.command()
+@click.option("--decision", type=click.Choice(["grant", "deny"]))
+@click.option("--channel-prefix", help="Only channels starting with this.")
+@click.option("--since-minutes", type=click.FloatRange(0), help="Only the last N minutes.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--json", "as_json", is_flag=True)
+def audit(
+    decision: str | None,
+    channel_prefix: str | None,
+    since_minutes: float | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """Channel authorization decisions (grants and denials), newest first."""
+    settings = _settings()
+    _require_schema(settings)
+    since = (
+        dt.datetime.now(dt.UTC) - dt.timedelta(minutes=since_minutes)
+        if since_minutes is not None
+        else None
+    )
+    rows = list_audit(
+        create_engine(settings.database_url),
+        decision=decision,
+        channel_prefix=channel_prefix,
+        since=since,
+        limit=limit,
+        offset=offset,
+    )
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=2))
+        return
+    for row in rows:
+        click.echo(
+            f"{row['at']:%Y-%m-%d %H:%M:%S}  {row['decision']:<5}  {row['user_ref'] or '-'}  "
+            f"{row['channel']}  {row['reason']}"
+        )
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def demo(args: tuple[str, ...]) -> None:
+    """Run the pharmacy example end to end (needs the source tree and Node.js)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "examples" / "pharmacy" / "demo.py").is_file():
+        raise click.ClickException("the demo needs the pusher-outbox source tree (examples/)")
+    completed = subprocess.run(  # noqa: S603 - our own module, fixed interpreter
+        [sys.executable, "-m", "examples.pharmacy.demo", *args], cwd=root, check=False
+    )
+    sys.exit(completed.returncode)
+
+
+if __name__ == "__main__":
+    main()

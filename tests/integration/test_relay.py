@@ -1,0 +1,384 @@
+"""Claim → publish → record against real databases and a real soketi with real subscribers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from outbox import ChannelAuthorizer, new_opaque_id
+from outbox.errors import PermanentPublishError, TransientPublishError
+from outbox.models import events
+from outbox.publisher import PusherPublisher
+from outbox.relay import Relay
+from outbox.retry import RetryPolicy
+from outbox.store import Store, create_engine
+from tests.integration.helpers import ORDER_CREATED, ORDER_DETAILS, FakePublisher, make_outbox
+
+CANARY = "CANARY-7f3a-PATIENT-Jane-Roe"
+
+
+def rows(engine):
+    with engine.connect() as conn:
+        return {r.id: r for r in conn.execute(sa.select(events))}
+
+
+def enqueue_created(outbox, engine, pharmacy, n=1, **kw):
+    out = []
+    with Session(engine) as session, session.begin():
+        for _ in range(n):
+            out.append(
+                outbox.enqueue(
+                    session,
+                    ORDER_CREATED,
+                    ids={"pharmacy_id": pharmacy},
+                    data={"order_id": new_opaque_id("ord"), "status": "new", "items": 2},
+                    **kw,
+                )
+            )
+    return out
+
+
+@pytest.fixture
+def master_key():
+    import os
+
+    return os.urandom(32)
+
+
+@pytest.fixture
+def publisher(soketi, master_key):
+    return PusherPublisher(
+        app_id=soketi.app_id,
+        key=soketi.key,
+        secret=soketi.secret,
+        host="127.0.0.1",
+        port=soketi.port,
+        ssl=False,
+        encryption_master_key=master_key,
+    )
+
+
+def test_committed_events_reach_a_subscriber_once_in_commit_order_and_encrypted(
+    engine, publisher, make_subscriber
+):
+    outbox = make_outbox()
+    pharmacy = new_opaque_id("pha")
+    authorizer = ChannelAuthorizer(
+        outbox=outbox,
+        pusher_client=publisher.client,
+        may_subscribe=lambda user, channel, nt, ids: ids["pharmacy_id"] == user,
+        engine=engine,
+        user_ref=lambda user: "usr_" + user[4:],
+    )
+    sub = make_subscriber()
+    for channel in (f"private-pharmacy-{pharmacy}", f"private-encrypted-pharmacy-{pharmacy}"):
+        sub.subscribe(
+            channel,
+            lambda socket_id, name: authorizer.authorize(
+                pharmacy, socket_id=socket_id, channel_name=name
+            ),
+        )
+    expected_created, expected_details = [], []
+    for i in range(12):
+        with Session(engine) as session, session.begin():
+            order_id = new_opaque_id("ord")
+            expected_created.append(
+                outbox.enqueue(
+                    session,
+                    ORDER_CREATED,
+                    ids={"pharmacy_id": pharmacy},
+                    data={"order_id": order_id, "status": "new", "items": i},
+                ).event_id
+            )
+            expected_details.append(
+                outbox.enqueue(
+                    session,
+                    ORDER_DETAILS,
+                    ids={"pharmacy_id": pharmacy},
+                    data={
+                        "order_id": order_id,
+                        "patient": f"{CANARY}-{i}",
+                        "medication": "Ibuprofène",
+                    },
+                ).event_id
+            )
+    # a rolled-back transaction sends nothing
+    with Session(engine) as session:
+        session.begin()
+        outbox.enqueue(
+            session,
+            ORDER_CREATED,
+            ids={"pharmacy_id": pharmacy},
+            data={"order_id": new_opaque_id("ord"), "status": "new", "items": 99},
+        )
+        session.rollback()
+
+    relay = Relay(store=Store(engine), publisher=publisher, claim_batch_size=7)
+    report = relay.drain(max_seconds=10)
+    assert report.sent == 24 and report.dead == 0
+    received = sub.wait_for(24, timeout=10)
+    time.sleep(0.3)
+    assert len(sub.events) == 24  # nothing more (rolled back event never sent)
+    created = [e for e in received if e.event == "order.created"]
+    details = [e for e in received if e.event == "order.details"]
+    assert [e.data["id"] for e in created] == expected_created  # commit order
+    assert [e.data["id"] for e in details] == expected_details
+    assert [e.data["data"]["items"] for e in created] == list(range(12))
+    assert all(e.decrypted for e in details)
+    assert [e.data["data"]["patient"] for e in details] == [f"{CANARY}-{i}" for i in range(12)]
+    assert all(not e.decrypted for e in created)
+    # what soketi relayed for encrypted events is ciphertext only
+    assert not any(CANARY in frame for frame in sub.frames)
+    assert not any("Ibuprof" in frame for frame in sub.frames)
+    # PHI payloads are erased once sent; opaque-id payloads stay for the retention window
+    table = rows(engine)
+    assert all(r.status == "sent" and r.sent_at is not None for r in table.values())
+    assert all(r.data is None for r in table.values() if r.contains_phi)
+    assert all(r.data is not None for r in table.values() if not r.contains_phi)
+    assert not any(CANARY in str(tuple(r)) for r in table.values())
+
+
+def test_soketi_error_body_with_http_200_is_a_dead_letter_not_a_success(
+    engine, soketi, make_subscriber
+):
+    outbox = make_outbox()
+    pharmacy = new_opaque_id("pha")
+    good = PusherPublisher(
+        app_id=soketi.app_id,
+        key=soketi.key,
+        secret=soketi.secret,
+        host="127.0.0.1",
+        port=soketi.port,
+        ssl=False,
+    )
+    sub = make_subscriber()
+    sub.subscribe(
+        f"private-pharmacy-{pharmacy}",
+        lambda socket_id, name: good.client.authenticate(channel=name, socket_id=socket_id),
+    )
+    wrong = PusherPublisher(
+        app_id=soketi.app_id,
+        key=soketi.key,
+        secret="wrong-secret",
+        host="127.0.0.1",
+        port=soketi.port,
+        ssl=False,
+    )
+    [event] = enqueue_created(outbox, engine, pharmacy)
+    report = Relay(store=Store(engine), publisher=wrong).drain(max_seconds=5)
+    assert report.sent == 0 and report.dead == 1
+    row = rows(engine)[event.id]
+    assert row.status == "dead" and "401" in row.last_error
+    assert row.data is not None  # dead rows keep their payload for redrive
+    time.sleep(0.3)
+    assert sub.events == []
+    # redrive with the right credentials delivers it
+    assert Store(engine).redrive([event.id]) == 1
+    Relay(store=Store(engine), publisher=good).drain(max_seconds=5)
+    [got] = sub.wait_for(1, timeout=5)
+    assert got.data["id"] == event.event_id
+
+
+def test_oversize_event_that_slipped_past_enqueue_is_isolated_by_soketi_413(engine, soketi):
+    outbox = make_outbox(max_payload_bytes=100_000)  # misconfigured: soketi allows 10 KB
+    pharmacy = new_opaque_id("pha")
+    publisher = PusherPublisher(
+        app_id=soketi.app_id,
+        key=soketi.key,
+        secret=soketi.secret,
+        host="127.0.0.1",
+        port=soketi.port,
+        ssl=False,
+        encryption_master_key=b"k" * 32,
+    )
+    small = enqueue_created(outbox, engine, pharmacy, n=3)
+    with Session(engine) as session, session.begin():
+        big = outbox.enqueue(
+            session,
+            ORDER_DETAILS,
+            ids={"pharmacy_id": pharmacy},
+            data={"order_id": new_opaque_id("ord"), "patient": "x" * 20_000, "medication": "m"},
+        )
+    more = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
+    report = Relay(store=Store(engine), publisher=publisher, publish_concurrency=1).drain(
+        max_seconds=5
+    )
+    table = rows(engine)
+    assert table[big.id].status == "dead" and "413" in table[big.id].last_error
+    assert all(table[e.id].status == "sent" for e in small + more)
+    assert report.dead == 1 and report.sent == 5
+
+
+def test_transient_failure_retries_later_and_holds_back_only_its_key(engine):
+    outbox = make_outbox()
+    blocked_pharmacy, other_pharmacy = new_opaque_id("pha"), new_opaque_id("pha")
+    first = enqueue_created(outbox, engine, blocked_pharmacy, n=3)
+
+    def fail_blocked(event):
+        if blocked_pharmacy in event.channel:
+            return TransientPublishError(
+                "HTTP 503 from Pusher: server error", status=503, retry_after_seconds=60
+            )
+        return None
+
+    fake = FakePublisher(fail_for=fail_blocked)
+    relay = Relay(store=Store(engine), publisher=fake, publish_concurrency=1)
+    report = relay.drain(max_seconds=5)
+    # one request carried all three: each is scheduled for a retry no earlier than Retry-After
+    assert report.retried == 3 and report.requests == 1
+    others = enqueue_created(outbox, engine, other_pharmacy, n=3)
+    report = relay.drain(max_seconds=5)
+    table = rows(engine)
+    assert all(table[e.id].status == "sent" for e in others)
+    head = table[first[0].id]
+    assert head.status == "pending" and head.attempts == 1 and "503" in head.last_error
+    assert head.available_at >= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=55)
+    assert json.loads(head.attempt_log)[0]["outcome"] == "retry"
+    # the later events of the failed key were never sent and are not claimable before the head
+    assert {table[e.id].status for e in first[1:]} == {"pending"}
+    assert {table[e.id].attempts for e in first[1:]} == {1}
+    assert report.sent == 3 and report.claimed == 3
+    again = relay.drain(max_seconds=2)
+    assert again.claimed == 0
+
+
+def test_permanent_failure_of_one_event_does_not_block_others(engine):
+    outbox = make_outbox()
+    pharmacy = new_opaque_id("pha")
+    batch = enqueue_created(outbox, engine, pharmacy, n=5)
+    poison = batch[2].event_id
+
+    def fail_poison(event):
+        if poison in event.data:
+            return PermanentPublishError(
+                "HTTP 400 from Pusher: request rejected as invalid", status=400
+            )
+        return None
+
+    fake = FakePublisher(fail_for=fail_poison)
+    report = Relay(store=Store(engine), publisher=fake).drain(max_seconds=5)
+    table = rows(engine)
+    assert [table[e.id].status for e in batch] == ["sent", "sent", "dead", "sent", "sent"]
+    assert report.dead == 1 and report.sent == 4
+    # order kept for the ones delivered
+    ids = [json.loads(e.data)["id"] for e in fake.published]
+    assert ids == [e.event_id for e in batch if e.event_id != poison]
+
+
+def test_attempts_and_age_limits_dead_letter_with_history(engine):
+    outbox = make_outbox()
+    [event] = enqueue_created(outbox, engine, new_opaque_id("pha"))
+    fake = FakePublisher(
+        fail_for=lambda e: TransientPublishError("connection error: could not reach Pusher")
+    )
+    relay = Relay(
+        store=Store(engine),
+        publisher=fake,
+        retry_policy=RetryPolicy(max_attempts=3, base_delay_seconds=0.01, max_delay_seconds=0.02),
+    )
+    deadline = time.monotonic() + 10
+    while rows(engine)[event.id].status != "dead" and time.monotonic() < deadline:
+        relay.drain(max_seconds=1)
+        time.sleep(0.03)
+    row = rows(engine)[event.id]
+    assert row.status == "dead" and row.attempts == 3
+    log = json.loads(row.attempt_log)
+    assert [entry["outcome"] for entry in log] == ["retry", "retry", "dead"]
+    assert "gave up after 3 attempts" in row.last_error
+
+
+def test_expired_events_are_not_delivered_late(engine):
+    outbox = make_outbox()
+    [event] = enqueue_created(outbox, engine, new_opaque_id("pha"), ttl_seconds=0.05)
+    time.sleep(0.2)
+    fake = FakePublisher()
+    report = Relay(store=Store(engine), publisher=fake).drain(max_seconds=2)
+    assert fake.batches == []
+    assert report.expired == 1
+    assert rows(engine)[event.id].status == "expired"
+
+
+def test_a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner(engine):
+    outbox = make_outbox()
+    [event] = enqueue_created(outbox, engine, new_opaque_id("pha"))
+    store = Store(engine)
+    stale = store.claim(limit=10, lease_seconds=0.05).events
+    time.sleep(0.2)
+    assert store.reclaim_expired_leases() == 1
+    fresh = store.claim(limit=10, lease_seconds=30).events
+    assert [e.id for e in fresh] == [event.id] and fresh[0].lease_token != stale[0].lease_token
+    assert store.mark_sent(stale, erase_phi_now=True) == 0  # the old worker's write is refused
+    assert rows(engine)[event.id].status == "in_flight"
+    assert store.mark_sent(fresh, erase_phi_now=True) == 1
+    assert rows(engine)[event.id].status == "sent"
+
+
+def test_retention_erases_payloads_and_purge_deletes_only_finished_rows(engine):
+    outbox = make_outbox()
+    sent = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
+    pending = enqueue_created(outbox, engine, new_opaque_id("pha"), n=1)
+    store = Store(engine)
+    claimed = store.claim(limit=2, lease_seconds=30).events
+    store.mark_sent(claimed, erase_phi_now=True)
+    assert (
+        store.erase_payloads(
+            phi_retention_seconds=0, payload_retention_seconds=0, dead_retention_seconds=0
+        )
+        == 2
+    )
+    table = rows(engine)
+    assert all(table[e.id].data is None and table[e.id].payload_erased_at for e in sent)
+    assert table[pending[0].id].data is not None
+    assert store.purge(older_than_seconds=0) == 2
+    assert set(rows(engine)) == {pending[0].id}
+
+
+def test_concurrent_relays_never_double_claim_and_keep_per_key_order(engine, database_url):
+    """Four relays, each with its own engine as in separate worker processes."""
+    outbox = make_outbox()
+    pharmacies = [new_opaque_id("pha") for _ in range(5)]
+    for _ in range(8):
+        for pharmacy in pharmacies:
+            enqueue_created(outbox, engine, pharmacy, n=5)
+    fakes = [FakePublisher() for _ in range(4)]
+    lock = threading.Lock()
+    sequence = []
+
+    class Recording(FakePublisher):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def publish_batch(self, batch):
+            time.sleep(0.002)
+            with lock:
+                sequence.extend(batch)
+
+    engines = [create_engine(database_url) for _ in fakes]
+    relays = [
+        Relay(store=Store(e), publisher=Recording(f), claim_batch_size=13)
+        for e, f in zip(engines, fakes, strict=True)
+    ]
+    threads = [threading.Thread(target=r.drain, kwargs={"max_seconds": 20}) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for e in engines:
+        e.dispose()
+    table = rows(engine)
+    assert all(r.status == "sent" for r in table.values())
+    published_ids = [json.loads(e.data)["id"] for e in sequence]
+    assert len(published_ids) == len(set(published_ids)) == 200
+    by_channel = {}
+    for e in sequence:
+        by_channel.setdefault(e.channel, []).append(json.loads(e.data)["id"])
+    id_of = {r.event_id: r.id for r in table.values()}
+    for ids in by_channel.values():
+        assert [id_of[i] for i in ids] == sorted(id_of[i] for i in ids)
