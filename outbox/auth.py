@@ -112,6 +112,12 @@ class ChannelAuthorizer:
                 "channel does not match any declared notification type", status=403
             )
         notification_type, ids = found
+        try:
+            notification_type.channel_for(ids)  # every id must be a well-formed opaque id
+        except PrivacyViolation:
+            raise AuthorizationError(
+                "channel_name does not carry well-formed opaque ids", status=400
+            ) from None
         if kind == "encrypted" and not self.encryption_enabled:
             raise AuthorizationError(
                 "encrypted channels are disabled: the server has no encryption master key",
