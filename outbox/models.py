@@ -24,6 +24,8 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 EVENTS_TABLE = "outbox_events"
 AUDIT_TABLE = "outbox_audit"
+SEQUENCES_TABLE = "outbox_channel_sequences"
+WORKERS_TABLE = "outbox_workers"
 
 UQ_EVENT_ID = "uq_outbox_events_event_id"
 UQ_DEDUP_KEY = "uq_outbox_events_dedup_key"
@@ -33,6 +35,7 @@ IX_KEY_OPEN = "ix_outbox_events_key_open"
 IX_FINISHED = "ix_outbox_events_finished"
 IX_PAYLOAD_HELD = "ix_outbox_events_payload_held"
 IX_AUDIT_AT = "ix_outbox_audit_at"
+IX_CHANNEL_SEQ = "ix_outbox_events_channel_seq"
 
 
 class Status(enum.StrEnum):
@@ -90,6 +93,8 @@ events = sa.Table(
     sa.Column("channel", sa.String(200), nullable=False),
     sa.Column("event_name", sa.String(200), nullable=False),
     sa.Column("ordering_key", sa.String(200), nullable=False),
+    # Gap-free per-channel sequence number in commit order (see store.next_sequence).
+    sa.Column("seq", sa.BigInteger(), nullable=True),
     # The exact data string to send (JSON). NULL once erased by retention.
     sa.Column("data", sa.Text(), nullable=True),
     sa.Column("data_bytes", sa.Integer(), nullable=False),
@@ -141,6 +146,7 @@ events = sa.Table(
         postgresql_where=sa.text("finished_at IS NOT NULL"),
         sqlite_where=sa.text("finished_at IS NOT NULL"),
     ),
+    sa.Index(IX_CHANNEL_SEQ, "channel", "seq"),
     sa.Index(
         IX_PAYLOAD_HELD,
         "finished_at",
@@ -161,4 +167,22 @@ audit = sa.Table(
     sa.Column("reason", sa.String(200), nullable=False),
     sa.CheckConstraint("decision IN ('grant', 'deny')", name="decision_valid"),
     sa.Index(IX_AUDIT_AT, "at"),
+)
+
+channel_sequences = sa.Table(
+    SEQUENCES_TABLE,
+    metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("last_seq", sa.BigInteger(), nullable=False),
+)
+
+workers = sa.Table(
+    WORKERS_TABLE,
+    metadata,
+    sa.Column("worker_id", sa.String(200), primary_key=True),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer(), nullable=False),
+    sa.Column("version", sa.String(40), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("last_beat_at", UTCDateTime(), nullable=False),
 )

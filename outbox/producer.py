@@ -45,12 +45,19 @@ class Enqueued:
     created: bool
 
 
-def encode_envelope(event_id: str, payload: Mapping[str, Any]) -> str:
+# Size checks at enqueue assume the widest sequence number, so the real text is never larger.
+_WIDEST_SEQ = 10**18
+
+
+def encode_envelope(event_id: str, seq: int, payload: Mapping[str, Any]) -> str:
     """The exact data text subscribers receive (encrypted channels: inside the ciphertext).
 
-    ``{"id": "<stable event id>", "data": {...fields}}``: subscribers drop repeats by ``id``.
+    ``{"id": "<stable event id>", "seq": <n>, "data": {...fields}}``: subscribers drop repeats
+    by ``id`` and detect gaps by ``seq`` (per channel, no gaps, in commit order).
     """
-    return json.dumps({"id": event_id, "data": payload}, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(
+        {"id": event_id, "seq": seq, "data": payload}, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 class Outbox:
@@ -177,9 +184,11 @@ class Outbox:
                 rule="socket_id",
             )
         event_id = new_opaque_id("evt")
-        text = encode_envelope(event_id, payload)
         size = policy.check_size(
-            text, encrypted=nt.encrypted, limit_bytes=self.max_payload_bytes, type_name=nt.name
+            encode_envelope(event_id, _WIDEST_SEQ, payload),
+            encrypted=nt.encrypted,
+            limit_bytes=self.max_payload_bytes,
+            type_name=nt.name,
         )
         row = {
             "event_id": event_id,
@@ -187,7 +196,7 @@ class Outbox:
             "channel": channel,
             "event_name": nt.event,
             "ordering_key": nt.ordering_key_for(channel, ids),
-            "data": text,
+            "payload": payload,
             "data_bytes": size,
             "encrypted": nt.encrypted,
             "contains_phi": nt.contains_phi,
@@ -228,7 +237,14 @@ class Outbox:
         if ttl is not None and not ttl > 0:
             raise ConfigurationError("ttl_seconds must be positive (or None for no expiry)")
         conn = _transactional_connection(session)
-        inserted = insert_event(conn, row, ttl_seconds=ttl)
+        payload = row.pop("payload")
+        event_id = str(row["event_id"])
+        inserted = insert_event(
+            conn,
+            row,
+            ttl_seconds=ttl,
+            render=lambda seq: encode_envelope(event_id, seq, payload),
+        )
         if self.on_commit is not None and inserted.created:
             _remember_for_commit(session, inserted.id, self.on_commit)
         return Enqueued(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,15 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
-from outbox.models import OPEN_STATUSES, TERMINAL_STATUSES, Status, UTCDateTime, audit, events
+from outbox.models import (
+    OPEN_STATUSES,
+    TERMINAL_STATUSES,
+    Status,
+    UTCDateTime,
+    audit,
+    channel_sequences,
+    events,
+)
 
 ATTEMPT_LOG_LIMIT = 20
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
@@ -89,46 +97,85 @@ class Inserted:
     created: bool
 
 
+def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def _next_sequence(conn: Connection, channel: str) -> int:
+    """Take the channel's next sequence number, locking its counter until commit.
+
+    The lock serializes concurrent producers of one channel, so numbers follow commit order; a
+    rolled-back transaction gives its number back, so there are no gaps.
+    """
+    s = channel_sequences
+    stmt = (
+        _dialect_insert(conn, s)
+        .values(channel=channel, last_seq=1)
+        .on_conflict_do_update(index_elements=[s.c.channel], set_={"last_seq": s.c.last_seq + 1})
+        .returning(s.c.last_seq)
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def _give_back_sequence(conn: Connection, channel: str) -> None:
+    s = channel_sequences
+    conn.execute(sa.update(s).where(s.c.channel == channel).values(last_seq=s.c.last_seq - 1))
+
+
 def insert_event(
-    conn: Connection, values: Mapping[str, Any], *, ttl_seconds: float | None
+    conn: Connection,
+    values: Mapping[str, Any],
+    *,
+    ttl_seconds: float | None,
+    render: Callable[[int], str],
 ) -> Inserted:
     """Insert one outbox row in the caller's transaction; never commits.
 
-    With a ``dedup_key``, a concurrent or earlier row with the same key wins and is returned
+    ``render(seq)`` returns the data text for the channel sequence number taken here. With a
+    ``dedup_key``, an earlier or concurrent row with the same key wins and is returned
     (``created=False``): ``INSERT … ON CONFLICT DO NOTHING`` waits for a concurrent transaction
-    holding the key, so two transactions racing on one key end with one row.
+    holding the key, so two transactions racing on one key end with one row (and the loser gives
+    its sequence number back).
     """
     e = events
     dialect = conn.dialect.name
     row = dict(values)
+    dedup_key = row.get("dedup_key")
+    if dedup_key is not None:
+        existing = conn.execute(
+            sa.select(e.c.id, e.c.event_id).where(e.c.dedup_key == dedup_key)
+        ).first()
+        if existing is not None:
+            return Inserted(int(existing.id), str(existing.event_id), False)
+    channel = str(row["channel"])
+    seq = _next_sequence(conn, channel)
+    row["seq"] = seq
+    row["data"] = render(seq)
     row["created_at"] = now_expr(dialect)
     row["available_at"] = now_expr(dialect)
     row["expires_at"] = now_expr(dialect, ttl_seconds) if ttl_seconds is not None else None
     row["status"] = Status.PENDING.value
     row["attempts"] = 0
-    if row.get("dedup_key") is None:
+    if dedup_key is None:
         new_id = conn.execute(sa.insert(e).values(**row).returning(e.c.id)).scalar_one()
         return Inserted(int(new_id), str(row["event_id"]), True)
-    insert: Any
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        insert = pg_insert(e)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        insert = sqlite_insert(e)
     stmt = (
-        insert.values(**row)
+        _dialect_insert(conn, e)
+        .values(**row)
         .on_conflict_do_nothing(index_elements=[e.c.dedup_key])
         .returning(e.c.id, e.c.event_id)
     )
     created = conn.execute(stmt).first()
     if created is not None:
         return Inserted(int(created.id), str(created.event_id), True)
-    existing = conn.execute(
-        sa.select(e.c.id, e.c.event_id).where(e.c.dedup_key == row["dedup_key"])
-    ).one()
+    _give_back_sequence(conn, channel)
+    existing = conn.execute(sa.select(e.c.id, e.c.event_id).where(e.c.dedup_key == dedup_key)).one()
     return Inserted(int(existing.id), str(existing.event_id), False)
 
 

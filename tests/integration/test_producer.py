@@ -214,3 +214,58 @@ def test_async_session_enqueue(database_url):
     finally:
         sync_engine.dispose()
     assert row.id == result.id
+
+
+def seqs(engine, channel):
+    with engine.connect() as conn:
+        return (
+            conn.execute(
+                sa.select(events.c.seq).where(events.c.channel == channel).order_by(events.c.id)
+            )
+            .scalars()
+            .all()
+        )
+
+
+def test_sequence_numbers_are_per_channel_gap_free_and_survive_rollbacks_and_dedup(engine):
+    outbox = make_outbox()
+    a, b = new_opaque_id("pha"), new_opaque_id("pha")
+    with Session(engine) as session, session.begin():
+        first = outbox.enqueue(session, ORDER_CREATED, dedup_key="d1", **created(a))
+        outbox.enqueue(session, ORDER_CREATED, **created(b))
+    with Session(engine) as session:
+        session.begin()
+        outbox.enqueue(session, ORDER_CREATED, **created(a))
+        session.rollback()
+    with Session(engine) as session, session.begin():
+        again = outbox.enqueue(session, ORDER_CREATED, dedup_key="d1", **created(a))
+        outbox.enqueue(session, ORDER_CREATED, **created(a))
+        outbox.enqueue(session, ORDER_CREATED, **created(b))
+    assert not again.created
+    assert again.id == first.id
+    assert seqs(engine, f"private-pharmacy-{a}") == [1, 2]
+    assert seqs(engine, f"private-pharmacy-{b}") == [1, 2]
+    [row] = [r for r in rows(engine) if r.id == first.id]
+    assert '"seq":1' in row.data
+
+
+def test_concurrent_producers_of_one_channel_get_sequence_numbers_in_commit_order(engine):
+    outbox = make_outbox()
+    pharmacy = new_opaque_id("pha")
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(10):
+                with Session(engine) as session, session.begin():
+                    outbox.enqueue(session, ORDER_CREATED, **created(pharmacy))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert seqs(engine, f"private-pharmacy-{pharmacy}") == list(range(1, 41))
