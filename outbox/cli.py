@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,56 +82,151 @@ def keygen() -> None:
     click.echo(base64.b64encode(os.urandom(32)).decode("ascii"))
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable schema).")
-def stats(as_json: bool) -> None:
-    """Counts by status and type, events due now, retrying, dead, and the lag."""
-    settings = _settings()
-    _require_schema(settings)
-    data = _store(settings).stats()
-    if as_json:
-        click.echo(
-            json.dumps({"schema": STATS_SCHEMA_VERSION, **data}, default=_json_default, indent=2)
-        )
-        return
+def _collect(store: Store, worker_silence_seconds: float) -> dict[str, Any]:
+    data = store.stats()
+    alive = store.workers_alive(within_seconds=worker_silence_seconds)
+    data["workers"] = [
+        {
+            "worker_id": w["worker_id"],
+            "host": w["host"],
+            "pid": w["pid"],
+            "version": w["version"],
+            "last_beat_at": w["last_beat_at"],
+        }
+        for w in alive
+    ]
+    return data
+
+
+def _fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+def _render_stats(data: dict[str, Any]) -> str:
     by_status = data["by_status"]
-    click.echo("status     " + "  ".join(f"{name}={count}" for name, count in by_status.items()))
-    click.echo(f"due now    {data['due_now']}")
-    click.echo(f"retrying   {data['retrying']}")
-    click.echo(f"lag        {data['lag_seconds']:.1f}s (age of the oldest due event)")
+    lines = [
+        "status     " + "  ".join(f"{name}={count}" for name, count in by_status.items()),
+        f"due now    {data['due_now']}",
+        f"retrying   {data['retrying']}",
+        f"lag        {data['lag_seconds']:.1f}s (age of the oldest due event)",
+        "throughput "
+        + "  ".join(f"{k}={v:.1f}/s" for k, v in data["throughput_per_second"].items()),
+    ]
+    latency = data["latency_seconds"]
+    lines.append(
+        f"latency    p50={_fmt_seconds(latency['p50'])} p95={_fmt_seconds(latency['p95'])} "
+        f"p99={_fmt_seconds(latency['p99'])} (enqueue to publish, last "
+        f"{latency['window_seconds'] / 60:.0f} min, {latency['samples']} events)"
+    )
+    lines.append(f"workers    {len(data['workers'])} alive")
+    for worker in data["workers"]:
+        lines.append(
+            f"           {worker['worker_id']} pid={worker['pid']} v{worker['version']} "
+            f"last beat {worker['last_beat_at']:%H:%M:%S}"
+        )
     if data["by_type"]:
-        click.echo("")
+        lines.append("")
         statuses = list(by_status)
         width = max(len(name) for name in data["by_type"]) + 2
-        click.echo("type".ljust(width) + "".join(s.rjust(11) for s in statuses))
+        lines.append("type".ljust(width) + "".join(s.rjust(11) for s in statuses))
         for type_name, counts in sorted(data["by_type"].items()):
-            click.echo(
+            lines.append(
                 type_name.ljust(width) + "".join(str(counts.get(s, 0)).rjust(11) for s in statuses)
             )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable schema).")
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(0.2), default=2.0, show_default=True)
+@click.option("--worker-silence-seconds", type=click.FloatRange(1), default=60.0, show_default=True)
+def stats(as_json: bool, watch: bool, interval: float, worker_silence_seconds: float) -> None:
+    """Counts by status and type, due now, retrying, lag, throughput, latency, workers."""
+    settings = _settings()
+    _require_schema(settings)
+    store = _store(settings)
+    while True:
+        data = _collect(store, worker_silence_seconds)
+        if as_json:
+            text = json.dumps(
+                {"schema": STATS_SCHEMA_VERSION, **data}, default=_json_default, indent=2
+            )
+        else:
+            text = _render_stats(data)
+        if not watch:
+            click.echo(text)
+            return
+        click.clear()
+        click.echo(f"outbox stats  {dt.datetime.now():%H:%M:%S}  (Ctrl-C to stop)\n")
+        click.echo(text)
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
 
 
 @main.command()
 @click.option("--max-lag-seconds", type=float, default=60.0, show_default=True)
 @click.option("--warn-lag-seconds", type=float, default=15.0, show_default=True)
 @click.option("--max-dead", type=int, default=0, show_default=True, help="Critical above this.")
-def health(max_lag_seconds: float, warn_lag_seconds: float, max_dead: int) -> None:
-    """One line; exit 0 ok, 1 warn, 2 critical (lag or dead letters past thresholds)."""
+@click.option(
+    "--max-worker-silence-seconds",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Critical when no worker sent a heartbeat for this long.",
+)
+@click.option("--no-worker-check", is_flag=True, help="Do not require a live worker.")
+def health(
+    max_lag_seconds: float,
+    warn_lag_seconds: float,
+    max_dead: int,
+    max_worker_silence_seconds: float,
+    no_worker_check: bool,
+) -> None:
+    """One line; exit 0 ok, 1 warn, 2 critical (lag, dead letters, no live worker)."""
     try:
         settings = load_settings()
-        data = Store(create_engine(settings.database_url)).stats()
+        data = _collect(Store(create_engine(settings.database_url)), max_worker_silence_seconds)
     except Exception as exc:  # noqa: BLE001 - a health check reports, it does not crash
         click.echo(f"CRITICAL cannot read the outbox ({type(exc).__name__})")
         sys.exit(2)
     lag = data["lag_seconds"]
     dead = data["by_status"]["dead"]
-    line = f"lag={lag:.1f}s due={data['due_now']} retrying={data['retrying']} dead={dead}"
-    if lag > max_lag_seconds or dead > max_dead:
-        click.echo(f"CRITICAL {line}")
+    alive = len(data["workers"])
+    line = (
+        f"lag={lag:.1f}s due={data['due_now']} retrying={data['retrying']} dead={dead} "
+        f"workers={alive}"
+    )
+    problems = []
+    if lag > max_lag_seconds:
+        problems.append("lag")
+    if dead > max_dead:
+        problems.append("dead letters")
+    if not no_worker_check and alive == 0:
+        problems.append("no live worker")
+    if problems:
+        click.echo(f"CRITICAL {line} ({', '.join(problems)})")
         sys.exit(2)
     if lag > warn_lag_seconds:
-        click.echo(f"WARN {line}")
+        click.echo(f"WARN {line} (lag)")
         sys.exit(1)
     click.echo(f"OK {line}")
+
+
+@main.command()
+def metrics() -> None:
+    """Print the queue gauges (Prometheus text format), e.g. for a textfile collector."""
+    from prometheus_client import generate_latest
+
+    from outbox.metrics import registry
+
+    settings = _settings()
+    _require_schema(settings)
+    click.echo(generate_latest(registry(_store(settings))).decode(), nl=False)
 
 
 @main.group()

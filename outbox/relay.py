@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from outbox.errors import PermanentPublishError, PublishError
 from outbox.publisher import MAX_BATCH_EVENTS, OutgoingEvent, Publisher
@@ -28,6 +29,51 @@ from outbox.retry import RetryPolicy
 from outbox.store import ClaimedEvent, Failure, Store, utcnow
 
 logger = logging.getLogger("outbox.relay")
+
+
+class RelayObserver(Protocol):
+    """Receives what the relay does (metrics). Every method must be cheap and never raise."""
+
+    def request(self, size: int, seconds: float, status: int | None) -> None: ...
+
+    def claimed(self, count: int) -> None: ...
+
+    def sent(self, events: Sequence[ClaimedEvent]) -> None: ...
+
+    def failed(
+        self, ev: ClaimedEvent, *, dead: bool, status: int | None, transient: bool
+    ) -> None: ...
+
+    def expired(self, count: int, type_names: Sequence[str] = ()) -> None: ...
+
+    def released(self, count: int) -> None: ...
+
+    def leases_lost(self, count: int) -> None: ...
+
+
+class NullObserver:
+    """The default observer: records nothing."""
+
+    def request(self, size: int, seconds: float, status: int | None) -> None:
+        pass
+
+    def claimed(self, count: int) -> None:
+        pass
+
+    def sent(self, events: Sequence[ClaimedEvent]) -> None:
+        pass
+
+    def failed(self, ev: ClaimedEvent, *, dead: bool, status: int | None, transient: bool) -> None:
+        pass
+
+    def expired(self, count: int, type_names: Sequence[str] = ()) -> None:
+        pass
+
+    def released(self, count: int) -> None:
+        pass
+
+    def leases_lost(self, count: int) -> None:
+        pass
 
 
 @dataclass
@@ -76,6 +122,7 @@ class Relay:
         lease_seconds: float = 30.0,
         publish_concurrency: int = 4,
         phi_retention_seconds: float = 0.0,
+        observer: RelayObserver | None = None,
     ) -> None:
         if claim_batch_size < 1:
             raise ValueError("claim_batch_size must be at least 1")
@@ -88,6 +135,7 @@ class Relay:
         self.lease_seconds = lease_seconds
         self.publish_concurrency = publish_concurrency
         self.erase_phi_now = phi_retention_seconds <= 0
+        self.observer: RelayObserver = observer or NullObserver()
         self._pool = (
             ThreadPoolExecutor(publish_concurrency, thread_name_prefix="outbox-publish")
             if publish_concurrency > 1
@@ -104,6 +152,9 @@ class Relay:
         """Claim one batch and deliver it. Returns what happened."""
         claim = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
         report = RelayReport(claimed=len(claim.events), expired=claim.expired)
+        self.observer.claimed(len(claim.events))
+        if claim.expired:
+            self.observer.expired(claim.expired)
         if not claim.events:
             return report
         now = utcnow()
@@ -119,7 +170,10 @@ class Relay:
                 )
             else:
                 live.append(ev)
-        report.expired += self.store.expire(late)
+        expired_now = self.store.expire(late)
+        report.expired += expired_now
+        if expired_now:
+            self.observer.expired(expired_now, [ev.type_name for ev in late])
 
         lanes = self._lanes(live)
         if self._pool is not None and len(lanes) > 1:
@@ -141,6 +195,16 @@ class Relay:
         self.store.record_failures(failures)
         report.dead = sum(1 for f in failures if f.retry_at is None)
         report.retried = len(failures) - report.dead
+        self.observer.sent(sent)
+        self.observer.released(report.released)
+        self.observer.leases_lost(report.lost_leases)
+        for failure in failures:
+            self.observer.failed(
+                failure.event,
+                dead=failure.retry_at is None,
+                status=failure.status_code,
+                transient=failure.retry_at is not None,
+            )
         if report.lost_leases:
             logger.warning(
                 "outbox lease lost before recording; another worker took the rows over",
@@ -202,6 +266,7 @@ class Relay:
             if not chunk:
                 break
             singles = max(singles - len(chunk), 0)
+            started = time.perf_counter()
             try:
                 result.requests += 1
                 self.publisher.publish_batch(
@@ -213,6 +278,7 @@ class Relay:
                     ]
                 )
             except PublishError as error:
+                self.observer.request(len(chunk), time.perf_counter() - started, error.status)
                 if isinstance(error, PermanentPublishError) and len(chunk) > 1:
                     singles = len(chunk)
                     queue.extendleft(reversed(chunk))
@@ -222,6 +288,7 @@ class Relay:
                     if error.transient:
                         blocked.add(ev.ordering_key)
             else:
+                self.observer.request(len(chunk), time.perf_counter() - started, 200)
                 result.sent.extend(chunk)
         return result
 

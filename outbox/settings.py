@@ -113,6 +113,21 @@ class Settings(BaseSettings):
         3600.0, validation_alias=AliasChoices("OUTBOX_RETRY_MAX_AGE_SECONDS")
     )
 
+    # --- monitoring ---------------------------------------------------------------------
+    log_format: Literal["text", "json", "kv"] = Field(
+        "text", validation_alias=AliasChoices("OUTBOX_LOG_FORMAT")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias=AliasChoices("OUTBOX_LOG_LEVEL")
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, validation_alias=AliasChoices("OUTBOX_METRICS_PORT")
+    )
+    metrics_host: str = Field("127.0.0.1", validation_alias=AliasChoices("OUTBOX_METRICS_HOST"))
+    heartbeat_seconds: PositiveSeconds = Field(
+        10.0, validation_alias=AliasChoices("OUTBOX_HEARTBEAT_SECONDS")
+    )
+
     # --- retention ----------------------------------------------------------------------
     phi_retention_seconds: float = Field(
         0.0, ge=0, validation_alias=AliasChoices("OUTBOX_PHI_RETENTION_SECONDS")

@@ -35,9 +35,11 @@ from outbox.models import (
     audit,
     channel_sequences,
     events,
+    workers,
 )
 
 ATTEMPT_LOG_LIMIT = 20
+LATENCY_SAMPLE_LIMIT = 20_000
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 
 
@@ -737,8 +739,13 @@ class Store:
 
     # --- monitoring ----------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """Counts by status and type, due now, retrying, and the age of the oldest due row."""
+    def stats(self, *, latency_window_seconds: float = 900.0) -> dict[str, Any]:
+        """Counts by status and type, due now, retrying, lag, throughput and latency.
+
+        Throughput is sent events per second over the last 1, 5 and 15 minutes; latency is
+        enqueue-to-publish (``sent_at - created_at``) percentiles over the newest sent rows of
+        the window (at most ``LATENCY_SAMPLE_LIMIT``).
+        """
         e = events
         with self.engine.connect() as conn:
             now = self.db_now(conn)
@@ -770,16 +777,105 @@ class Store:
                     e.c.status == Status.PENDING.value, e.c.attempts > 0
                 )
             ).scalar_one()
-        if isinstance(oldest_due, str):  # SQLite aggregate loses the column type
-            oldest_due = dt.datetime.fromisoformat(oldest_due).replace(tzinfo=dt.UTC)
-        lag = (now - oldest_due).total_seconds() if oldest_due is not None else 0.0
+            windows = {"1m": 60, "5m": 300, "15m": 900}
+            sent_since = {
+                name: conn.execute(
+                    sa.select(sa.func.count()).where(
+                        e.c.finished_at.is_not(None),
+                        e.c.finished_at >= self._now(-seconds),
+                        e.c.status == Status.SENT.value,
+                    )
+                ).scalar_one()
+                for name, seconds in windows.items()
+            }
+            samples = conn.execute(
+                sa.select(e.c.created_at, e.c.sent_at)
+                .where(
+                    e.c.finished_at.is_not(None),
+                    e.c.finished_at >= self._now(-latency_window_seconds),
+                    e.c.status == Status.SENT.value,
+                )
+                .order_by(e.c.finished_at.desc())
+                .limit(LATENCY_SAMPLE_LIMIT)
+            ).all()
+        oldest = _as_utc(oldest_due)
+        lag = (now - oldest).total_seconds() if oldest is not None else 0.0
+        latencies = sorted(
+            (r.sent_at - r.created_at).total_seconds() for r in samples if r.sent_at is not None
+        )
         return {
             "by_status": {s.value: int(by_status.get(s.value, 0)) for s in Status},
             "by_type": by_type,
             "due_now": int(due_now),
             "retrying": int(retrying),
             "lag_seconds": max(lag, 0.0),
+            "throughput_per_second": {
+                name: int(sent_since[name]) / seconds for name, seconds in windows.items()
+            },
+            "latency_seconds": {
+                "window_seconds": latency_window_seconds,
+                "samples": len(latencies),
+                "p50": _percentile(latencies, 0.50),
+                "p95": _percentile(latencies, 0.95),
+                "p99": _percentile(latencies, 0.99),
+            },
         }
+
+    # --- worker liveness -----------------------------------------------------------------
+
+    def heartbeat(
+        self, *, worker_id: str, host: str, pid: int, version: str, started_at: dt.datetime
+    ) -> None:
+        """Record that ``worker_id`` is alive now (upsert)."""
+        w = workers
+        with self.engine.begin() as conn:
+            stmt = (
+                _dialect_insert(conn, w)
+                .values(
+                    worker_id=worker_id,
+                    host=host,
+                    pid=pid,
+                    version=version,
+                    started_at=started_at,
+                    last_beat_at=self._now(),
+                )
+                .on_conflict_do_update(
+                    index_elements=[w.c.worker_id],
+                    set_={"last_beat_at": self._now(), "pid": pid, "version": version},
+                )
+            )
+            conn.execute(stmt)
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(workers).where(workers.c.worker_id == worker_id))
+
+    def workers_alive(self, *, within_seconds: float) -> list[dict[str, Any]]:
+        """Workers whose last heartbeat is more recent than ``within_seconds``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(workers)
+                .where(workers.c.last_beat_at >= self._now(-within_seconds))
+                .order_by(workers.c.worker_id)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+
+def _as_utc(value: Any) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite aggregates lose the column type
+        value = dt.datetime.fromisoformat(value)
+    assert isinstance(value, dt.datetime)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; ``None`` when there are none."""
+    if not sorted_values:
+        return None
+    rank = max(int(-(-fraction * len(sorted_values) // 1)) - 1, 0)
+    return sorted_values[min(rank, len(sorted_values) - 1)]
 
 
 def _group_by_token(claimed: Sequence[ClaimedEvent]) -> dict[str, list[int]]:

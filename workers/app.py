@@ -6,14 +6,28 @@ validates the whole configuration at start, exiting with a message that names th
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
+from sqlalchemy.pool import NullPool
 
+from outbox import __version__, log
 from outbox.settings import Settings, load_settings
+from outbox.store import Store, create_engine
 from workers import runtime
 
 logger = logging.getLogger("workers")
@@ -76,6 +90,82 @@ def _validate_on_start(**_: Any) -> None:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     runtime.reset()
+
+
+@setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    """Our structured formatters (payload-free, exception messages withheld) for all logs."""
+    settings = load_settings()
+    log.configure(settings.log_format, settings.log_level)
+
+
+class Heartbeat:
+    """A daemon thread in the worker's main process that records liveness in outbox_workers."""
+
+    def __init__(self, settings: Settings, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.store = Store(create_engine(settings.database_url, poolclass=NullPool))
+        self.started_at = dt.datetime.now(dt.UTC)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.heartbeat(
+                    worker_id=self.worker_id,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    version=__version__,
+                    started_at=self.started_at,
+                )
+            except Exception as exc:  # noqa: BLE001 - liveness must not kill the worker
+                logger.warning("heartbeat failed", extra={"error_class": type(exc).__name__})
+            self._stop.wait(self.settings.heartbeat_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.store.forget_worker(self.worker_id)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not remove heartbeat", extra={"error_class": type(exc).__name__})
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    global _heartbeat
+    settings = load_settings()
+    worker_id = str(getattr(sender, "hostname", None) or f"{socket.gethostname()}:{os.getpid()}")
+    _heartbeat = Heartbeat(settings, worker_id)
+    _heartbeat.start()
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from outbox import metrics
+
+        start_http_server(
+            settings.metrics_port,
+            addr=settings.metrics_host,
+            registry=metrics.registry(_heartbeat.store),
+        )
+        logger.info(
+            "metrics exporter listening",
+            extra={"host": settings.metrics_host, "port": settings.metrics_port},
+        )
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @beat_init.connect

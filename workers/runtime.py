@@ -6,6 +6,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from outbox.metrics import PrometheusObserver
 from outbox.publisher import PusherPublisher
 from outbox.relay import Relay
 from outbox.retry import RetryPolicy
@@ -44,6 +45,7 @@ def build(settings: Settings | None = None) -> Runtime:
         lease_seconds=settings.lease_seconds,
         publish_concurrency=settings.publish_concurrency,
         phi_retention_seconds=settings.phi_retention_seconds,
+        observer=PrometheusObserver(),
     )
     return Runtime(settings=settings, store=store, relay=relay, pid=os.getpid())
 

@@ -95,14 +95,32 @@ def test_stats_json_health_and_dead_letters_never_print_payloads(engine, databas
     assert data["by_status"]["pending"] == 2
     assert data["due_now"] == 2
     assert data["by_type"]["order.details"] == {"dead": 1}
+    assert data["latency_seconds"]["samples"] == 0
+    assert set(data["throughput_per_second"]) == {"1m", "5m", "15m"}
     table = run(database_url, "stats")
     assert "order.created" in table.stdout
+    assert "throughput" in table.stdout
 
     health = run(database_url, "health", "--max-dead", "0")
     assert health.returncode == 2
     assert health.stdout.startswith("CRITICAL")
     assert len(health.stdout.strip().splitlines()) == 1
-    assert run(database_url, "health", "--max-dead", "5").returncode == 0
+    no_worker = run(database_url, "health", "--max-dead", "5")
+    assert no_worker.returncode == 2
+    assert "no live worker" in no_worker.stdout
+    assert run(database_url, "health", "--max-dead", "5", "--no-worker-check").returncode == 0
+    import datetime as dt
+
+    Store(engine).heartbeat(
+        worker_id="w1@host", host="host", pid=1, version="0.1.0", started_at=dt.datetime.now(dt.UTC)
+    )
+    healthy = run(database_url, "health", "--max-dead", "5")
+    assert healthy.returncode == 0, healthy.stdout
+    assert "workers=1" in healthy.stdout
+    gauges = run(database_url, "metrics")
+    assert 'outbox_queue_events{status="dead"} 1.0' in gauges.stdout
+    assert "outbox_workers_alive 1.0" in gauges.stdout
+    assert CANARY not in gauges.stdout
 
     listing = run(database_url, "dead", "list", "--json")
     [dead] = json.loads(listing.stdout)
