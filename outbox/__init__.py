@@ -6,7 +6,8 @@ Public API (everything else is internal)::
     from outbox import Outbox, NotificationType, OpaqueId, Phi, Enum, new_opaque_id
 """
 
-from outbox.auth import ChannelAuthorizer
+from outbox.auth import AuthResponse, ChannelAuthorizer
+from outbox.catchup import CatchUp
 from outbox.errors import (
     AuthorizationError,
     ConfigurationError,
@@ -28,8 +29,10 @@ from outbox.settings import Settings, load_settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthResponse",
     "AuthorizationError",
     "Boolean",
+    "CatchUp",
     "ChannelAuthorizer",
     "ConfigurationError",
     "Count",

@@ -88,11 +88,50 @@ class ChannelAuthorizer:
 
     # --- internals -----------------------------------------------------------------------
 
+    def check_channel(self, user: Any, channel_name: object, *, purpose: str) -> str:
+        """Apply every channel rule (format, declared template, ids, the application's rule).
+
+        Used by endpoints other than subscription (catch-up) so that a user who may not
+        subscribe may not read the channel either. Audited like subscriptions; returns the
+        validated channel name or raises :class:`AuthorizationError`.
+        """
+        ref = self._user_ref(user)
+        try:
+            channel, _, _ = self._check_channel(user, channel_name)
+        except AuthorizationError as exc:
+            self._audit(ref, channel_name, None, "deny", f"{purpose}: {exc}")
+            raise
+        self._audit(ref, channel, None, "grant", f"{purpose}: allowed by application rule")
+        return channel
+
     def _authorize(self, user: Any, socket_id: object, channel_name: object) -> dict[str, Any]:
         if not isinstance(socket_id, str) or not policy.SOCKET_ID.match(socket_id):
             raise AuthorizationError(
                 "socket_id must look like '123.456' (pusher.connection.socket_id)", status=400
             )
+        channel, kind, _ = self._check_channel(user, channel_name)
+        custom_data = None
+        if kind == "presence":
+            if self.presence_data is None:
+                raise AuthorizationError(
+                    "presence channels need presence_data configured on the authorizer",
+                    status=403,
+                )
+            custom_data = dict(self.presence_data(user))
+            if "user_id" not in custom_data:
+                raise AuthorizationError("presence data must include user_id", status=403)
+        body = dict(
+            self.pusher_client.authenticate(
+                channel=channel, socket_id=socket_id, custom_data=custom_data
+            )
+        )
+        secret = body.get("shared_secret")
+        if isinstance(secret, bytes):
+            body["shared_secret"] = secret.decode("ascii")
+        return body
+
+    def _check_channel(self, user: Any, channel_name: object) -> tuple[str, str, NotificationType]:
+        """Validate the channel and ask the application's rule; nothing is signed here."""
         if not isinstance(channel_name, str):
             raise AuthorizationError("channel_name is required", status=400)
         try:
@@ -133,25 +172,7 @@ class ChannelAuthorizer:
             allowed = False
         if not allowed:
             raise AuthorizationError("not allowed to subscribe to this channel", status=403)
-        custom_data = None
-        if kind == "presence":
-            if self.presence_data is None:
-                raise AuthorizationError(
-                    "presence channels need presence_data configured on the authorizer",
-                    status=403,
-                )
-            custom_data = dict(self.presence_data(user))
-            if "user_id" not in custom_data:
-                raise AuthorizationError("presence data must include user_id", status=403)
-        body = dict(
-            self.pusher_client.authenticate(
-                channel=channel_name, socket_id=socket_id, custom_data=custom_data
-            )
-        )
-        secret = body.get("shared_secret")
-        if isinstance(secret, bytes):
-            body["shared_secret"] = secret.decode("ascii")
-        return body
+        return channel_name, kind, notification_type
 
     def _user_ref(self, user: Any) -> str | None:
         if self.user_ref is None:

@@ -821,6 +821,41 @@ class Store:
             },
         }
 
+    # --- catch-up -----------------------------------------------------------------------
+
+    def channel_history(self, channel: str, *, after_seq: int, limit: int) -> dict[str, Any]:
+        """Rows of ``channel`` with ``seq > after_seq`` in order, plus the retained range.
+
+        Returns ``{"rows": [...], "first_seq": oldest retained seq or None, "last_seq": the
+        channel's newest seq or 0}``. Rows carry metadata and the stored data text (which may be
+        NULL once retention erased it).
+        """
+        e = events
+        s = channel_sequences
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    e.c.event_id,
+                    e.c.seq,
+                    e.c.event_name,
+                    e.c.status,
+                    e.c.data,
+                    e.c.contains_phi,
+                )
+                .where(e.c.channel == channel, e.c.seq > after_seq)
+                .order_by(e.c.seq)
+                .limit(limit)
+            ).all()
+            first_seq = conn.execute(
+                sa.select(sa.func.min(e.c.seq)).where(e.c.channel == channel)
+            ).scalar()
+            last_seq = conn.execute(sa.select(s.c.last_seq).where(s.c.channel == channel)).scalar()
+        return {
+            "rows": [dict(r._mapping) for r in rows],
+            "first_seq": None if first_seq is None else int(first_seq),
+            "last_seq": int(last_seq or 0),
+        }
+
     # --- worker liveness -----------------------------------------------------------------
 
     def heartbeat(

@@ -4,8 +4,10 @@ import outbox
 def test_public_api_is_pinned_and_sorted():
     assert outbox.__all__ == sorted(outbox.__all__)
     assert set(outbox.__all__) == {
+        "AuthResponse",
         "AuthorizationError",
         "Boolean",
+        "CatchUp",
         "ChannelAuthorizer",
         "ConfigurationError",
         "Count",
