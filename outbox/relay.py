@@ -227,9 +227,6 @@ class Relay:
         """Run passes until nothing is due or ``max_seconds`` have passed."""
         deadline = time.monotonic() + max_seconds
         total = RelayReport()
-        reclaimed = self.store.reclaim_expired_leases()
-        if reclaimed:
-            logger.warning("outbox reclaimed rows whose lease expired", extra={"rows": reclaimed})
         while True:
             report = self.run_once()
             total.add(report)
@@ -238,6 +235,22 @@ class Relay:
             if time.monotonic() >= deadline:
                 break
         return total
+
+    def sweep(self, *, max_seconds: float = 10.0) -> RelayReport:
+        """The periodic safety net: reclaim rows of dead workers, expire, then drain.
+
+        Every non-terminal row is reachable from here: ``in_flight`` rows whose lease ran out
+        return to ``pending``; ``pending`` rows are claimed or expired.
+        """
+        reclaimed = self.store.reclaim_expired_leases()
+        if reclaimed:
+            logger.warning("outbox reclaimed rows whose lease expired", extra={"rows": reclaimed})
+        expired = self.store.expire_overdue()
+        if expired:
+            self.observer.expired(expired)
+        report = self.drain(max_seconds=max_seconds)
+        report.expired += expired
+        return report
 
     # --- internals -----------------------------------------------------------------------
 

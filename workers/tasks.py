@@ -32,8 +32,7 @@ def sweep() -> dict[str, int]:
     """Deliver what kicks missed, reclaim expired leases, expire, erase and purge (bounded)."""
     rt = runtime.get()
     settings = rt.settings
-    expired = rt.store.expire_overdue()
-    report = rt.relay.drain(max_seconds=settings.drain_seconds)
+    report = rt.relay.sweep(max_seconds=settings.drain_seconds)
     erased = rt.store.erase_payloads(
         phi_retention_seconds=settings.phi_retention_seconds,
         payload_retention_seconds=settings.payload_retention_seconds,
@@ -41,7 +40,7 @@ def sweep() -> dict[str, int]:
     )
     purged = rt.store.purge(older_than_seconds=settings.row_retention_seconds)
     counts = _counts(report)
-    counts.update(expired=counts["expired"] + expired, erased=erased, purged=purged)
+    counts.update(erased=erased, purged=purged)
     return counts
 
 

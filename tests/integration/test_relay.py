@@ -382,3 +382,19 @@ def test_concurrent_relays_never_double_claim_and_keep_per_key_order(engine, dat
     id_of = {r.event_id: r.id for r in table.values()}
     for ids in by_channel.values():
         assert [id_of[i] for i in ids] == sorted(id_of[i] for i in ids)
+
+
+def test_the_sweep_delivers_rows_of_a_worker_that_died_mid_batch(engine):
+    outbox = make_outbox()
+    batch = enqueue_created(outbox, engine, new_opaque_id("pha"), n=4)
+    store = Store(engine)
+    died = store.claim(limit=10, lease_seconds=0.1).events  # the worker dies before publishing
+    assert len(died) == 4
+    fake = FakePublisher()
+    relay = Relay(store=store, publisher=fake)
+    assert relay.drain(max_seconds=1).claimed == 0  # leased rows are not touched by a drain
+    time.sleep(0.3)
+    report = relay.sweep(max_seconds=5)
+    assert report.sent == 4
+    assert [json.loads(e.data)["id"] for e in fake.published] == [e.event_id for e in batch]
+    assert all(r.status == "sent" for r in rows(engine).values())
