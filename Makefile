@@ -1,4 +1,4 @@
-# Verbs: make install | make test | make lint
+# Verbs: make install | make test | make lint | make demo
 # Everything runs from the project virtualenv (.venv) and the npm packages in node_modules.
 
 VENV := .venv
@@ -30,3 +30,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The pharmacy example end to end: soketi, a Celery worker and beat, the app, websocket
+# subscribers; prints "delivered N/N events (...)" and exits non-zero unless all arrived intact.
+.PHONY: demo
+DEMO_ARGS ?=
+demo: install
+	$(BIN)/python -m examples.pharmacy.demo $(DEMO_ARGS)

@@ -23,8 +23,10 @@ from outbox.errors import (
 from outbox.notification import NotificationType
 from outbox.policy import Boolean, Count, Enum, OpaqueId, Phi, Timestamp, new_opaque_id
 from outbox.producer import Enqueued, Outbox
+from outbox.publisher import PusherPublisher
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings, load_settings
+from outbox.store import create_engine
 
 __version__ = "0.1.0"
 
@@ -48,12 +50,14 @@ __all__ = [
     "Phi",
     "PrivacyViolation",
     "PublishError",
+    "PusherPublisher",
     "RetryPolicy",
     "SessionError",
     "Settings",
     "Timestamp",
     "TransientPublishError",
     "__version__",
+    "create_engine",
     "load_settings",
     "new_opaque_id",
 ]

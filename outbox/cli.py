@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import click
 
 from outbox import __version__
+from outbox.dashboard import STATS_SCHEMA_VERSION
+from outbox.dashboard import collect_stats as _collect
 from outbox.errors import OutboxError
 from outbox.migration import current_revision, head_revision, upgrade_to_head
 from outbox.models import TERMINAL_STATUSES
@@ -26,8 +28,6 @@ from outbox.settings import Settings, load_settings
 from outbox.store import Store, create_engine, list_audit
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-STATS_SCHEMA_VERSION = 1
 
 
 def _settings() -> Settings:
@@ -80,22 +80,6 @@ def migrate() -> None:
 def keygen() -> None:
     """Print a new random encryption master key (32 bytes, base64)."""
     click.echo(base64.b64encode(os.urandom(32)).decode("ascii"))
-
-
-def _collect(store: Store, worker_silence_seconds: float) -> dict[str, Any]:
-    data = store.stats()
-    alive = store.workers_alive(within_seconds=worker_silence_seconds)
-    data["workers"] = [
-        {
-            "worker_id": w["worker_id"],
-            "host": w["host"],
-            "pid": w["pid"],
-            "version": w["version"],
-            "last_beat_at": w["last_beat_at"],
-        }
-        for w in alive
-    ]
-    return data
 
 
 def _fmt_seconds(value: float | None) -> str:
@@ -229,6 +213,57 @@ def metrics() -> None:
     click.echo(generate_latest(registry(_store(settings))).decode(), nl=False)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
+@click.option(
+    "--token",
+    help="Bearer token (default: OUTBOX_DASHBOARD_TOKEN, preferred: command lines are visible "
+    "to other local users).",
+)
+@click.option("--no-auth", is_flag=True, help="Serve without a token (loopback addresses only).")
+@click.option("--worker-silence-seconds", type=click.FloatRange(1), default=60.0, show_default=True)
+def dashboard(
+    host: str, port: int, token: str | None, no_auth: bool, worker_silence_seconds: float
+) -> None:
+    """Serve a read-only web page of the queue (stats, types, dead letters, live charts).
+
+    Also serves /api/stats (the `stats --json` document) and /metrics (Prometheus). Every request
+    needs `Authorization: Bearer <token>`, or `?token=` on the page URL. Ctrl-C stops.
+    """
+    from outbox.dashboard import check_access, serve
+
+    settings = _settings()
+    if token is None and settings.dashboard_token is not None:
+        token = settings.dashboard_token.get_secret_value()
+    try:
+        check_access(host=host, token=token or None, no_auth=no_auth)
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn")):
+        raise click.ClickException(
+            "the dashboard needs Starlette and uvicorn: pip install 'pusher-outbox[dashboard]'"
+        )
+    _require_schema(settings)
+    shown_host = f"[{host}]" if ":" in host else host
+    auth = "token required" if token else "no auth, loopback only"
+    click.echo(f"outbox dashboard on http://{shown_host}:{port}/ ({auth}; Ctrl-C to stop)")
+    store = _store(settings)
+    try:
+        serve(
+            store,
+            token=token or None,
+            host=host,
+            port=port,
+            worker_silence_seconds=worker_silence_seconds,
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.engine.dispose()
+    click.echo("outbox dashboard stopped")
+
+
 @main.group()
 def dead() -> None:
     """Dead letters: list, show, redrive."""
@@ -360,10 +395,9 @@ def demo(args: tuple[str, ...]) -> None:
     root = Path(__file__).resolve().parent.parent
     if not (root / "examples" / "pharmacy" / "demo.py").is_file():
         raise click.ClickException("the demo needs the pusher-outbox source tree (examples/)")
-    completed = subprocess.run(  # noqa: S603 - our own module, fixed interpreter
-        [sys.executable, "-m", "examples.pharmacy.demo", *args], cwd=root, check=False
-    )
-    sys.exit(completed.returncode)
+    # Replace this process so Ctrl-C reaches the demo alone and its cleanup runs.
+    os.chdir(root)
+    os.execv(sys.executable, [sys.executable, "-m", "examples.pharmacy.demo", *args])  # noqa: S606
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith("filesystem://"):
         folder = Path(settings.broker_dir)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        config["broker_transport"] = "workers.broker:Transport"
         config["broker_transport_options"] = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),

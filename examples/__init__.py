@@ -1,0 +1,1 @@
+"""Runnable examples of pusher-outbox (run them from the repository root)."""
