@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: PositiveSeconds = Field(
         10.0, validation_alias=AliasChoices("OUTBOX_HEARTBEAT_SECONDS")
     )
+    dashboard_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OUTBOX_DASHBOARD_TOKEN")
+    )
 
     # --- retention ----------------------------------------------------------------------
     phi_retention_seconds: float = Field(
@@ -148,6 +151,13 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value():
             return None
         decode_master_key(value.get_secret_value())
+        return value
+
+    @field_validator("dashboard_token")
+    @classmethod
+    def _check_dashboard_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # an empty variable means "not configured"
         return value
 
     @field_validator("pusher_app_id")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the local test services answer: PostgreSQL on 127.0.0.1:5432 and Redis on
-# 127.0.0.1:6379 (ENSURE_SERVICES_REDIS_PORT overrides the port). Idempotent: a running
+# 127.0.0.1:6379 (ENSURE_SERVICES_REDIS_PORT overrides the port), and that /usr/bin/chromium
+# exists for the dashboard's browser test. Idempotent: a running
 # service is left alone. Installs a missing server with apt-get (Debian/Ubuntu). Every step
 # is bounded in time; prints one line per service and exits non-zero when one is not ready.
 set -euo pipefail
@@ -104,7 +105,23 @@ ensure_redis() {
     fi
 }
 
+# The dashboard's browser test drives Debian's chromium (never a downloaded browser).
+ensure_chromium() {
+    if [ -x /usr/bin/chromium ]; then
+        echo "chromium: present at /usr/bin/chromium"
+        return 0
+    fi
+    apt_install chromium || true # readiness below decides
+    if [ -x /usr/bin/chromium ]; then
+        echo "chromium: installed at /usr/bin/chromium"
+    else
+        echo "chromium: NOT available at /usr/bin/chromium" >&2
+        return 1
+    fi
+}
+
 status=0
 ensure_postgres || status=1
 ensure_redis || status=1
+ensure_chromium || status=1
 exit "$status"
