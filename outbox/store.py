@@ -16,10 +16,11 @@ overwrite the new owner's result.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,21 @@ def configure_sqlite(engine: Engine) -> None:
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front; readers (stats, dashboards) never block writers.
+        if conn.get_execution_options().get(READ_ONLY_OPTION):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+READ_ONLY_OPTION = "outbox_read_only"
+
+
+@contextlib.contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only: a deferred transaction on SQLite (no write lock)."""
+    with engine.connect() as conn:
+        yield conn.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def now_expr(dialect_name: str, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
@@ -203,7 +218,7 @@ def list_audit(
         query = query.where(audit.c.channel.startswith(channel_prefix, autoescape=True))
     if since is not None:
         query = query.where(audit.c.at >= since)
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
 
 
@@ -268,6 +283,9 @@ class Store:
 
     def _now(self, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
         return now_expr(self.engine.dialect.name, offset_seconds)
+
+    def _read(self) -> contextlib.AbstractContextManager[Connection]:
+        return read_connection(self.engine)
 
     def db_now(self, conn: Connection) -> dt.datetime:
         if self.is_postgres:
@@ -718,14 +736,14 @@ class Store:
         )
         if type_name is not None:
             query = query.where(e.c.type_name == type_name)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def show(self, row_id: int) -> dict[str, Any] | None:
         """Metadata and attempt history of one row. Never the payload."""
         e = events
         columns = [c for c in e.c if c.name not in ("data",)]
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(*columns, (e.c.data.is_not(None)).label("payload_held")).where(
                     e.c.id == row_id
@@ -747,7 +765,7 @@ class Store:
         the window (at most ``LATENCY_SAMPLE_LIMIT``).
         """
         e = events
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             now = self.db_now(conn)
             by_status = {
                 status: count
@@ -832,7 +850,7 @@ class Store:
         """
         e = events
         s = channel_sequences
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(
                     e.c.event_id,
@@ -887,7 +905,7 @@ class Store:
 
     def workers_alive(self, *, within_seconds: float) -> list[dict[str, Any]]:
         """Workers whose last heartbeat is more recent than ``within_seconds``."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(workers)
                 .where(workers.c.last_beat_at >= self._now(-within_seconds))

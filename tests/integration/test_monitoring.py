@@ -126,3 +126,24 @@ def test_log_formatters_render_extras_and_withhold_exception_messages():
         assert "evt_x" in text
         assert "ValueError" in text
         assert CANARY not in text
+
+
+def test_reads_do_not_wait_for_a_sqlite_writer(database_url):
+    """Stats and dashboards must not take SQLite's write lock (BEGIN IMMEDIATE)."""
+    import time
+
+    import sqlalchemy as sa
+
+    from outbox.store import create_engine
+
+    engine = create_engine(database_url)
+    other = create_engine(database_url)
+    try:
+        with engine.begin() as writer:  # holds the write lock on SQLite
+            writer.execute(sa.text("UPDATE outbox_channel_sequences SET last_seq = last_seq"))
+            started = time.monotonic()
+            Store(other).stats()
+            assert time.monotonic() - started < 2
+    finally:
+        engine.dispose()
+        other.dispose()
