@@ -7,6 +7,13 @@
 - ``POST /pusher/auth`` is the channel authorization endpoint pusher-js calls (form fields
   ``socket_id`` and ``channel_name``); :class:`outbox.ChannelAuthorizer` checks the request, asks
   :func:`may_subscribe` and signs only what it allows.
+- ``GET /pusher/catchup?channel=…&after_seq=…`` returns what a client missed on a channel
+  (:class:`outbox.CatchUp`), under the same rule as subscriptions.
+- ``GET /orders`` lists the caller's pharmacy's pending orders with the position (last ``seq``)
+  of each of its channels, read before the orders: a client starts its live feed from there and
+  misses nothing. ``GET /me`` says who the caller is.
+- ``GET /`` serves the pharmacists' page (``static/``), which loads pusher-js from
+  ``node_modules`` and the client kit from ``clients/js`` (no build step).
 
 Users authenticate with ``Authorization: Bearer <token>``. Run it with
 ``uvicorn --factory examples.pharmacy.app:app_from_env`` (settings from ``OUTBOX_*`` and
@@ -20,13 +27,14 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -35,11 +43,32 @@ from sqlalchemy.orm import Session
 
 from examples.pharmacy import db
 from examples.pharmacy.notifications import KICK_WORKERS, ORDER_CREATED, ORDER_DETAILS, build_outbox
-from outbox import ChannelAuthorizer, NotificationType, Settings, load_settings, new_opaque_id
+from outbox import (
+    CatchUp,
+    ChannelAuthorizer,
+    NotificationType,
+    Settings,
+    load_settings,
+    new_opaque_id,
+)
 from outbox.publisher import PusherPublisher
-from outbox.store import create_engine
+from outbox.store import Store, create_engine
 
 MAX_AUTH_BODY_BYTES = 4096
+MAX_LISTED_ORDERS = 200
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Served as-is, no build step: the official SDK's browser build and our client kit.
+PUSHER_JS = (
+    REPO_ROOT / "node_modules" / "pusher-js" / "dist" / "web" / "pusher-with-encryption.min.js"
+)
+CLIENT_KIT = REPO_ROOT / "clients" / "js" / "pusher-outbox.js"
+PAGE_FILES = {
+    "pharmacy.css": "text/css; charset=utf-8",
+    "pharmacy.js": "text/javascript; charset=utf-8",
+}
+# channel_history(after_seq=…) with a position no channel reaches: no rows, only last_seq.
+_BEYOND_ANY_SEQ = 2**62
 
 
 @dataclass(frozen=True)
@@ -105,6 +134,59 @@ def current_user(request: Request) -> Principal:
 CurrentUser = Annotated[Principal, Depends(current_user)]
 
 
+def pharmacy_channels(pharmacy_id: str) -> dict[str, str]:
+    """The pharmacy's two channels: ``orders`` (opaque ids) and ``details`` (encrypted)."""
+    ids = {"pharmacy_id": pharmacy_id}
+    return {"orders": ORDER_CREATED.channel_for(ids), "details": ORDER_DETAILS.channel_for(ids)}
+
+
+def channel_position(store: Store, channel: str) -> int:
+    """The channel's newest ``seq`` (0 before its first event)."""
+    return int(store.channel_history(channel, after_seq=_BEYOND_ANY_SEQ, limit=1)["last_seq"])
+
+
+def page_headers(settings: Settings) -> dict[str, str]:
+    """Headers of the page and its scripts: nothing but our own scripts runs, the websocket may
+    reach only the configured Pusher host, and no URL (the page's carries a token) is sent on
+    as a referrer."""
+    if settings.pusher_host:
+        scheme = "wss" if settings.pusher_scheme == "https" else "ws"
+        port = f":{settings.pusher_port}" if settings.pusher_port else ""
+        socket_origin = f"{scheme}://{settings.pusher_host}{port}"
+    else:
+        socket_origin = f"wss://ws-{settings.pusher_cluster or 'mt1'}.pusher.com"
+    policy = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src 'self' {socket_origin}; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+    }
+
+
+def pusher_client_config(settings: Settings) -> dict[str, Any]:
+    """What pusher-js needs to connect: the app key (public) and where the server is."""
+    config: dict[str, Any] = {"key": settings.pusher_key, "cluster": settings.pusher_cluster}
+    if settings.pusher_host:
+        tls = settings.pusher_scheme == "https"
+        port = settings.pusher_port or (443 if tls else 80)
+        config.update(
+            {
+                "cluster": settings.pusher_cluster or "mt1",  # pusher-js insists on one
+                "wsHost": settings.pusher_host,
+                "wsPort": port,
+                "wssPort": port,
+                "forceTLS": tls,
+                "enabledTransports": ["wss" if tls else "ws"],
+            }
+        )
+    return config
+
+
 def create_app(
     settings: Settings, *, on_commit: Any = KICK_WORKERS, engine: Engine | None = None
 ) -> FastAPI:
@@ -124,6 +206,9 @@ def create_app(
         engine=engine,
         user_ref=lambda user: user.user_id,
     )
+    store = Store(engine)
+    catch_up = CatchUp(store=store, authorizer=authorizer)
+    security_headers = page_headers(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -210,6 +295,44 @@ def create_app(
             "event_ids": [created.event_id, details.event_id],
         }
 
+    @app.get("/me")
+    def me(user: CurrentUser) -> dict[str, Any]:
+        pharmacy = None
+        if user.pharmacy_id is not None:
+            with Session(engine) as session:
+                name = session.scalar(
+                    select(db.Pharmacy.name).where(db.Pharmacy.public_id == user.pharmacy_id)
+                )
+            pharmacy = {
+                "pharmacy_id": user.pharmacy_id,
+                "name": name,
+                "channels": pharmacy_channels(user.pharmacy_id),
+            }
+        return {"user_id": user.user_id, "role": user.role, "pharmacy": pharmacy}
+
+    @app.get("/orders")
+    def list_orders(user: CurrentUser) -> dict[str, Any]:
+        """The caller's pharmacy's pending orders (oldest first) and its channels' positions.
+
+        Positions are read *before* the orders: an order committed in between is listed and
+        also arrives as an event after the position (the client keys orders by id), so nothing
+        falls between the list and the live feed.
+        """
+        if user.role != "pharmacist" or user.pharmacy_id is None:
+            raise HTTPException(403, "only pharmacists have a list of orders")
+        channels = pharmacy_channels(user.pharmacy_id)
+        positions = {channel: channel_position(store, channel) for channel in channels.values()}
+        with Session(engine) as session:
+            orders = session.scalars(
+                select(db.Order)
+                .join(db.Order.pharmacy)
+                .where(db.Pharmacy.public_id == user.pharmacy_id, db.Order.status == "pending")
+                .order_by(db.Order.id.desc())
+                .limit(MAX_LISTED_ORDERS)
+            ).all()
+            listed = [order_json(order) for order in reversed(orders)]
+        return {"orders": listed, "positions": positions}
+
     @app.get("/orders/{order_id}")
     def get_order(order_id: str, user: CurrentUser) -> dict[str, Any]:
         with Session(engine) as session:
@@ -228,7 +351,52 @@ def create_app(
         answer = await run_in_threadpool(authorizer.handle, user, params)
         return JSONResponse(answer.body, status_code=answer.status)
 
+    @app.get("/pusher/catchup")
+    async def pusher_catchup(request: Request, user: CurrentUser) -> JSONResponse:
+        params = {key: request.query_params.get(key) for key in ("channel", "after_seq")}
+        answer = await run_in_threadpool(catch_up.handle, user, params)
+        return JSONResponse(
+            answer.body, status_code=answer.status, headers={"Cache-Control": "no-store"}
+        )
+
+    # --- the pharmacists' page (static files, no build step) ---------------------------------
+
+    @app.get("/pusher/config")
+    def pusher_config() -> dict[str, Any]:
+        return pusher_client_config(settings)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html; charset=utf-8",
+            headers=dict(security_headers),
+        )
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def page_file(name: str) -> FileResponse:
+        media_type = PAGE_FILES.get(name)
+        if media_type is None:  # a fixed list: no path from the URL reaches the file system
+            raise HTTPException(404, "not found")
+        return FileResponse(
+            STATIC_DIR / name, media_type=media_type, headers=dict(security_headers)
+        )
+
+    @app.get("/vendor/pusher-with-encryption.min.js", include_in_schema=False)
+    def pusher_js() -> Response:
+        return _script(PUSHER_JS, security_headers, "run `make install` (npm ci) for pusher-js")
+
+    @app.get("/kit/pusher-outbox.js", include_in_schema=False)
+    def client_kit() -> Response:
+        return _script(CLIENT_KIT, security_headers, "clients/js/pusher-outbox.js is missing")
+
     return app
+
+
+def _script(path: Path, headers: Mapping[str, str], hint: str) -> Response:
+    if not path.is_file():
+        return JSONResponse({"error": f"not installed: {hint}"}, status_code=503)
+    return FileResponse(path, media_type="text/javascript; charset=utf-8", headers=dict(headers))
 
 
 def _auth_params(body: bytes, content_type: str) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """End-to-end demo: ``python -m examples.pharmacy.demo [--orders N] [--keep] [--timeout S]``.
 
+With ``--serve [--interval S]`` it starts the same services, prints the address of the
+pharmacists' page with each pharmacist's token, and creates an order every few seconds until
+Ctrl-C, then stops everything it started (see :func:`serve`).
+
 Needs only Python (the project's virtualenv) and Node (``npm ci`` installed soketi). In a
 temporary directory it starts soketi (a local Pusher-protocol server), migrates an SQLite
 outbox, starts a real Celery relay worker and beat, and the pharmacy app under uvicorn, each as
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from sqlalchemy.engine import Engine
 
 from examples.pharmacy import db
 from examples.pharmacy.notifications import ORDER_CREATED, ORDER_DETAILS
@@ -553,17 +558,42 @@ def start_services(processes: Processes, workdir: Path, env: Mapping[str, str]) 
     return f"http://127.0.0.1:{port}", worker_log
 
 
-def run(
-    args: argparse.Namespace, workdir: Path, processes: Processes, stack: contextlib.ExitStack
-) -> tuple[int, str]:
-    """Run the demo; return the exit status and the summary line."""
-    started = time.monotonic()
-    deadline = Deadline(args.timeout)
+@dataclass
+class Stack:
+    """Everything :func:`start_stack` started, for the demo, ``--serve`` and browser tests."""
 
-    def step(message: str) -> None:
-        say(f"[{time.monotonic() - started:5.1f}s] {message}")
+    workdir: Path
+    soketi: Soketi
+    env: dict[str, str]
+    engine: Engine
+    seeded: db.Seeded
+    base_url: str
+    client: httpx.Client
+    processes: Processes
 
-    step(f"working directory {workdir}")
+    def create_order(self, pharmacy_id: str, details: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /orders`` as the intake desk; the JSON answer (opaque ids only)."""
+        response = self.client.post(
+            f"{self.base_url}/orders",
+            json={"pharmacy_id": pharmacy_id, **details},
+            headers={"Authorization": f"Bearer {self.seeded.intake.token}"},
+        )
+        if response.status_code != 201:
+            # Not the body: a validation error echoes the input, which is PHI.
+            raise DemoError(f"POST /orders answered {response.status_code}")
+        answer: dict[str, Any] = response.json()
+        return answer
+
+
+def start_stack(
+    workdir: Path,
+    processes: Processes,
+    stack: contextlib.ExitStack,
+    deadline: Deadline,
+    step: Callable[[str], None],
+) -> Stack:
+    """Start soketi, migrate and seed an SQLite outbox, start the Celery worker and beat and the
+    app; wait until all are ready. ``stack`` stops everything (workers before soketi)."""
     soketi = Soketi(log_path=workdir / "soketi.log", start_timeout_seconds=deadline.remaining(30))
     stack.callback(quietly, soketi.close)
     soketi.start()
@@ -592,6 +622,23 @@ def run(
         "the celery worker", lambda: log_contains(worker_log, " ready."), deadline, processes
     )
     step("celery relay worker and beat running")
+    return Stack(workdir, soketi, env, engine, seeded, base_url, client, processes)
+
+
+def run(
+    args: argparse.Namespace, workdir: Path, processes: Processes, stack: contextlib.ExitStack
+) -> tuple[int, str]:
+    """Run the demo; return the exit status and the summary line."""
+    started = time.monotonic()
+    deadline = Deadline(args.timeout)
+
+    def step(message: str) -> None:
+        say(f"[{time.monotonic() - started:5.1f}s] {message}")
+
+    step(f"working directory {workdir}")
+    services = start_stack(workdir, processes, stack, deadline, step)
+    soketi, engine, seeded = services.soketi, services.engine, services.seeded
+    base_url, client = services.base_url, services.client
 
     pharmacies: list[Pharmacy] = []
     for pharmacy_id, name in seeded.pharmacies.items():
@@ -608,20 +655,11 @@ def run(
 
     rng = random.Random()
     orders: dict[str, CreatedOrder] = {}
-    intake = {"Authorization": f"Bearer {seeded.intake.token}"}
     for index in range(args.orders):
         deadline.check("creating orders")
         pharmacy = pharmacies[index % len(pharmacies)]
         details = fake_order(rng)
-        response = client.post(
-            f"{base_url}/orders",
-            json={"pharmacy_id": pharmacy.pharmacy_id, **details},
-            headers=intake,
-        )
-        if response.status_code != 201:
-            # Not the body: a validation error echoes the input, which is PHI.
-            raise DemoError(f"POST /orders answered {response.status_code}")
-        order_id = response.json()["order_id"]
+        order_id = services.create_order(pharmacy.pharmacy_id, details)["order_id"]
         orders[order_id] = CreatedOrder(order_id, pharmacy.pharmacy_id, details)
     expected = 2 * len(orders)
     step(f"created {len(orders)} orders through POST /orders ({expected} notifications enqueued)")
@@ -690,6 +728,57 @@ def run(
     return (0 if ok else 1), summary
 
 
+def serve(
+    args: argparse.Namespace, workdir: Path, processes: Processes, stack: contextlib.ExitStack
+) -> tuple[int, str]:
+    """``--serve``: start everything, print the page's address with each pharmacist's token, and
+    create an order every ``--interval`` seconds until Ctrl-C (or SIGTERM). Returns after the
+    interrupt with status 0; ``stack`` then stops everything."""
+    started = time.monotonic()
+
+    def step(message: str) -> None:
+        say(f"[{time.monotonic() - started:5.1f}s] {message}")
+
+    step(f"working directory {workdir}")
+    services = start_stack(workdir, processes, stack, Deadline(args.timeout), step)
+    seeded = services.seeded
+    (first_id, first_name), (second_id, second_name) = list(seeded.pharmacies.items())[:2]
+    token = {
+        pharmacy_id: seeded.pharmacists[pharmacy_id].token for pharmacy_id in seeded.pharmacies
+    }
+    page = services.base_url
+    say("")
+    say("Open the pharmacists' page (the tokens are valid for this run only):")
+    width = max(len(first_name), len(second_name)) + 1
+    # The token travels in the fragment: browsers never send it to the server (nor to logs).
+    say(f"  {first_name + ':':<{width}} {page}/#token={token[first_id]}")
+    say(f"  {second_name + ':':<{width}} {page}/#token={token[second_id]}")
+    say(
+        f"  {second_name}'s pharmacist trying {first_name}'s channels (access denied):\n"
+        f"    {page}/?pharmacy={first_id}#token={token[second_id]}"
+    )
+    say(f"Creating an order every {args.interval:g}s, alternating pharmacies. Ctrl-C stops.")
+    say("")
+
+    rng = random.Random()
+    pharmacy_ids = list(seeded.pharmacies)
+    created = 0
+    try:
+        next_at = time.monotonic()
+        while True:
+            processes.check_alive()
+            if time.monotonic() >= next_at:
+                pharmacy_id = pharmacy_ids[created % len(pharmacy_ids)]
+                order_id = services.create_order(pharmacy_id, fake_order(rng))["order_id"]
+                created += 1
+                step(f"order {order_id} created for {pharmacy_id}")
+                next_at = time.monotonic() + args.interval
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        say("stopping ...")
+    return 0, f"served {created} orders on {page}; stopped everything the demo started"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m examples.pharmacy.demo",
@@ -698,13 +787,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--orders", type=int, default=30, help="orders to create (default 30)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
-        "--timeout", type=float, default=90.0, help="overall deadline in seconds (default 90)"
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="overall deadline in seconds (default 90; with --serve: for starting up)",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep serving the pharmacists' page (prints its address and tokens) and create an "
+        "order every --interval seconds until Ctrl-C",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=4.0,
+        help="with --serve: seconds between new orders (default 4)",
     )
     args = parser.parse_args(argv)
     if args.orders < 1:
         parser.error("--orders must be at least 1")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
     return args
 
 
@@ -713,12 +819,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pharmacy-demo-"))
     processes = Processes()
     summary = f"delivered 0/{2 * args.orders} events (0 decrypted, 0 fetched by id)"
+    if args.serve:
+        summary = "served no page: stopped everything the demo started"
     code = 1
     try:
         with terminate_on_sigterm():
             try:
                 with contextlib.ExitStack() as stack:
-                    code, summary = run(args, workdir, processes, stack)
+                    code, summary = (serve if args.serve else run)(args, workdir, processes, stack)
             except (
                 DemoError,
                 SoketiError,

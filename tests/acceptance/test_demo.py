@@ -11,6 +11,7 @@ import base64
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +77,67 @@ def test_demo_delivers_every_event_intact_and_prints_the_summary_last() -> None:
     phi = [*LAST_NAMES, *(medication for medication, _, _ in PRESCRIPTIONS)]
     assert not [word for word in phi if word in output]
     assert not [name for name in FIRST_NAMES if f"{name} " in output]
+
+
+@pytest.mark.slow
+@pytest.mark.soketi
+@pytest.mark.timeout(DEMO_TIMEOUT_SECONDS)
+def test_serve_mode_prints_the_page_with_tokens_and_stops_everything_on_ctrl_c() -> None:
+    _require_soketi()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PUSHER_"))}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "examples.pharmacy.demo", "--serve", "--interval", "0.5"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(demo.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while sum(" created for pha_" in line for line in lines) < 3:
+            assert demo.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        output = "".join(lines)
+        pages = re.findall(r"(http://127\.0\.0\.1:\d+)/#token=(tok_\S+)", output)
+        assert len(pages) == 2, output
+        assert re.search(r"/\?pharmacy=pha_\w+#token=tok_", output), output
+        base_url, token = pages[0]
+        with httpx.Client(timeout=10, trust_env=False) as client:
+            assert "Pending orders" in client.get(f"{base_url}/").text
+            listed = client.get(f"{base_url}/orders", headers={"Authorization": f"Bearer {token}"})
+            assert listed.status_code == 200
+            assert listed.json()["orders"], "orders are being created for both pharmacies"
+
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        code = demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:  # the test failed early: Ctrl-C, then SIGKILL (children die too)
+            demo.send_signal(signal.SIGINT)
+            try:
+                demo.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait(timeout=10)
+        reader.join(10)
+        if demo.stdout is not None:
+            demo.stdout.close()
+
+    output = "".join(lines)
+    assert code == 0, output
+    assert re.fullmatch(
+        r"served \d+ orders on http://127\.0\.0\.1:\d+; stopped everything the demo started",
+        lines[-1].strip(),
+    ), output
+    assert "stopped the worker, beat and app" in output
+    with httpx.Client(timeout=2, trust_env=False) as client, pytest.raises(httpx.TransportError):
+        client.get(f"{base_url}/healthz")
+    phi = [*LAST_NAMES, *(medication for medication, _, _ in PRESCRIPTIONS)]
+    assert not [word for word in phi if word in output]
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -337,3 +399,134 @@ def test_channels_outside_the_declared_templates_are_forbidden(
 
     assert response.status_code == 403
     assert "auth" not in response.json()
+
+
+# --- catch-up, order list and the page -----------------------------------------------------
+
+
+def deliver_all(served: Served) -> None:
+    """What the relay does, with a publisher that accepts everything (no Pusher server here)."""
+    from outbox.relay import Relay
+    from outbox.store import Store
+    from tests.integration.helpers import FakePublisher
+
+    relay = Relay(store=Store(served.engine), publisher=FakePublisher(), publish_concurrency=1)
+    try:
+        relay.drain(max_seconds=5)
+    finally:
+        relay.close()
+
+
+def test_catch_up_returns_missed_events_to_the_pharmacist_only(
+    served: Served, client: httpx.Client
+) -> None:
+    first, second = served.pharmacy_ids
+    intake = served.as_user(served.seeded.intake.token)
+    order_ids = [
+        client.post(f"{served.url}/orders", json=order_body(first), headers=intake).json()[
+            "order_id"
+        ]
+        for _ in range(3)
+    ]
+    url = f"{served.url}/pusher/catchup"
+    own = served.as_user(served.seeded.pharmacists[first].token)
+    created, details = f"private-pharmacy-{first}", f"private-encrypted-pharmacy-{first}"
+
+    pending = client.get(url, params={"channel": created, "after_seq": 0}, headers=own)
+    deliver_all(served)
+    after_one = client.get(url, params={"channel": created, "after_seq": 1}, headers=own)
+    encrypted = client.get(url, params={"channel": details, "after_seq": 0}, headers=own)
+
+    assert pending.status_code == 200
+    assert pending.json()["events"] == []
+    assert pending.json()["complete"] is False  # not published yet: it will arrive live
+    body = after_one.json()
+    assert (body["last_seq"], body["complete"], body["reset"]) == (3, True, False)
+    assert [(e["seq"], e["event"], e["data"]) for e in body["events"]] == [
+        (2, "order.created", {"order_id": order_ids[1], "status": "pending"}),
+        (3, "order.created", {"order_id": order_ids[2], "status": "pending"}),
+    ]
+    assert after_one.headers["cache-control"] == "no-store"
+    # The encrypted channel's payloads (PHI) were erased once sent: ids and positions only.
+    assert [(e["seq"], e.get("erased")) for e in encrypted.json()["events"]] == [
+        (1, True),
+        (2, True),
+        (3, True),
+    ]
+    assert "Quillfeather" not in encrypted.text
+    other = served.as_user(served.seeded.pharmacists[second].token)
+    for channel in (created, details):
+        refused = client.get(url, params={"channel": channel, "after_seq": 0}, headers=other)
+        assert refused.status_code == 403
+        assert "events" not in refused.json()
+    assert client.get(url, params={"channel": created, "after_seq": 0}).status_code == 401
+    bad = client.get(url, params={"channel": created, "after_seq": "-1"}, headers=own)
+    assert bad.status_code == 400
+
+
+def test_order_list_holds_own_pending_orders_and_the_channel_positions_read_before_them(
+    served: Served, client: httpx.Client
+) -> None:
+    first, second = served.pharmacy_ids
+    intake = served.as_user(served.seeded.intake.token)
+    for pharmacy_id in (first, first, second):
+        client.post(f"{served.url}/orders", json=order_body(pharmacy_id), headers=intake)
+
+    listed = client.get(
+        f"{served.url}/orders", headers=served.as_user(served.seeded.pharmacists[first].token)
+    )
+    me = client.get(
+        f"{served.url}/me", headers=served.as_user(served.seeded.pharmacists[first].token)
+    )
+
+    assert listed.status_code == 200
+    body = listed.json()
+    assert [order["pharmacy_id"] for order in body["orders"]] == [first, first]
+    assert body["positions"] == {
+        f"private-pharmacy-{first}": 2,
+        f"private-encrypted-pharmacy-{first}": 2,
+    }
+    assert me.json()["pharmacy"] == {
+        "pharmacy_id": first,
+        "name": served.seeded.pharmacies[first],
+        "channels": {
+            "orders": f"private-pharmacy-{first}",
+            "details": f"private-encrypted-pharmacy-{first}",
+        },
+    }
+    assert client.get(f"{served.url}/orders", headers=intake).status_code == 403
+    assert client.get(f"{served.url}/orders").status_code == 401
+
+
+def test_page_and_scripts_are_served_with_a_strict_policy_and_no_secrets(
+    served: Served, client: httpx.Client
+) -> None:
+    page = client.get(f"{served.url}/")
+    script = client.get(f"{served.url}/static/pharmacy.js")
+    kit = client.get(f"{served.url}/kit/pusher-outbox.js")
+    config = client.get(f"{served.url}/pusher/config")
+
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy
+    assert "connect-src 'self' ws://127.0.0.1:9" in policy
+    assert page.headers["referrer-policy"] == "no-referrer"  # the page's URL carries a token
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "export function subscribe" in kit.text
+    assert config.json() == {
+        "key": "app-key",
+        "cluster": "mt1",
+        "wsHost": "127.0.0.1",
+        "wsPort": 9,
+        "wssPort": 9,
+        "forceTLS": False,
+        "enabledTransports": ["ws"],
+    }
+    assert "secret" not in config.text
+    for path in ("/static/app.py", "/static/..%2Fapp.py", "/static/index.html"):
+        assert client.get(f"{served.url}{path}").status_code == 404
+    if (REPO_ROOT / "node_modules/pusher-js").is_dir():
+        vendor = client.get(f"{served.url}/vendor/pusher-with-encryption.min.js")
+        assert vendor.status_code == 200
+        assert "Pusher" in vendor.text[:2000]

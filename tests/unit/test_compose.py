@@ -73,3 +73,12 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = sorted(name for name in known_variables() if name not in readme)
     assert missing == []
+
+
+def test_the_app_service_runs_the_example_factory():
+    command = compose()["services"]["app"]["command"]
+    assert "--factory" in command
+    module, _, attribute = command[command.index("--factory") + 1].partition(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), attribute))
