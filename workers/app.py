@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from celery.signals import (
 from sqlalchemy.pool import NullPool
 
 from outbox import __version__, log
+from outbox.errors import ConfigurationError
 from outbox.settings import Settings, load_settings
 from outbox.store import Store, create_engine
 from workers import runtime
@@ -71,6 +73,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         config["broker_transport_options"] = {
+            # An application's after-commit kick must not wait for a broker that is down: no
+            # implicit reconnect loop when publishing (the worker's consumer reconnects with
+            # its own retry policy, broker_connection_max_retries).
+            "max_retries": 0,
             "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0,
             "visibility_timeout": 3600,
@@ -78,14 +84,43 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def _running_celery_command() -> bool:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name.startswith("celery") or os.path.basename(sys.argv[0]) == "celery"
+
+
+def _lazy_config() -> dict[str, Any]:
+    """Celery's configuration, read when first needed.
+
+    Under ``celery worker``/``celery beat`` a bad setting stops the command with one line naming
+    the variable (no traceback); inside an application the error propagates to the caller.
+    """
+    try:
+        return celery_config(load_settings())
+    except ConfigurationError as exc:
+        if _running_celery_command():
+            raise SystemExit(f"pusher-outbox: {exc}") from None
+        raise
+
+
 app = Celery("pusher_outbox", include=["workers.tasks"])
-app.add_defaults(lambda: celery_config(load_settings()))
+app.add_defaults(_lazy_config)
 
 
 @worker_init.connect
 def _validate_on_start(**_: Any) -> None:
-    """Fail at start, naming the variable, when the configuration is wrong."""
-    runtime.build().relay.close()
+    """Fail at start, naming the variable, when the configuration is wrong.
+
+    Celery catches ``Exception`` from signal handlers and only logs it (before logging is even
+    configured), so the worker would report "ready" and fail every task; ``SystemExit`` is not
+    caught and stops the worker with the message.
+    """
+    try:
+        runtime.build().relay.close()
+    except ConfigurationError as exc:
+        raise SystemExit(f"pusher-outbox worker: {exc}") from None
 
 
 @worker_process_init.connect
