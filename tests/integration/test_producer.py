@@ -207,7 +207,11 @@ def test_async_session_enqueue(database_url):
         finally:
             await engine.dispose()
 
-    result = asyncio.run(main())
+    # A fresh thread has no event loop, whatever earlier tests (browsers) left in this one.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(asyncio.run, main()).result(timeout=60)
     sync_engine = sa.create_engine(database_url)
     try:
         [row] = rows(sync_engine)
