@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 import zlib
 from collections import deque
@@ -23,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from outbox.errors import PermanentPublishError, PublishError
+from outbox.errors import ConfigurationError, PermanentPublishError, PublishError
 from outbox.publisher import MAX_BATCH_EVENTS, OutgoingEvent, Publisher
 from outbox.retry import RetryPolicy
 from outbox.store import ClaimedEvent, Failure, Store, utcnow
@@ -101,6 +102,51 @@ class RelayReport:
         self.requests += other.requests
 
 
+# Time kept in hand for recording outcomes after the last request of a pass.
+LEASE_MARGIN_SECONDS = 1.0
+
+
+class _Lease:
+    """The lease of one claim, shared by its lanes.
+
+    Before each request a lane makes sure the lease outlives that request (the publish timeout)
+    plus the final write, extending it in the table when needed. A lane whose lease was taken
+    over stops at once: its remaining rows belong to another worker now.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        token: str,
+        lease_seconds: float,
+        needed_seconds: float,
+        *,
+        started: float,
+    ) -> None:
+        self.store = store
+        self.token = token
+        self.lease_seconds = lease_seconds
+        self.needed_seconds = needed_seconds
+        self.deadline = started + lease_seconds
+        self.lost = False
+        self.extensions = 0
+        self._lock = threading.Lock()
+
+    def ensure(self) -> bool:
+        with self._lock:
+            if self.lost:
+                return False
+            if self.deadline - time.monotonic() >= self.needed_seconds:
+                return True
+            started = time.monotonic()
+            if self.store.extend_lease(self.token, lease_seconds=self.lease_seconds) == 0:
+                self.lost = True
+                return False
+            self.extensions += 1
+            self.deadline = started + self.lease_seconds
+            return True
+
+
 @dataclass
 class _LaneResult:
     sent: list[ClaimedEvent] = field(default_factory=list)
@@ -123,9 +169,18 @@ class Relay:
         publish_concurrency: int = 4,
         phi_retention_seconds: float = 0.0,
         observer: RelayObserver | None = None,
+        publish_timeout_seconds: float = 5.0,
     ) -> None:
         if claim_batch_size < 1:
             raise ValueError("claim_batch_size must be at least 1")
+        if lease_seconds < publish_timeout_seconds + LEASE_MARGIN_SECONDS:
+            raise ConfigurationError(
+                f"OUTBOX_LEASE_SECONDS ({lease_seconds:g}) must be at least "
+                f"OUTBOX_PUBLISH_TIMEOUT_SECONDS + {LEASE_MARGIN_SECONDS:g} "
+                f"({publish_timeout_seconds + LEASE_MARGIN_SECONDS:g}): a lease must outlive "
+                "one publish request, or another worker could take rows over mid-request"
+            )
+        self.publish_timeout_seconds = publish_timeout_seconds
         if publish_concurrency < 1:
             raise ValueError("publish_concurrency must be at least 1")
         self.store = store
@@ -150,6 +205,7 @@ class Relay:
 
     def run_once(self) -> RelayReport:
         """Claim one batch and deliver it. Returns what happened."""
+        claim_started = time.monotonic()  # the lease counts from no later than this
         claim = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
         report = RelayReport(claimed=len(claim.events), expired=claim.expired)
         self.observer.claimed(len(claim.events))
@@ -176,15 +232,32 @@ class Relay:
             self.observer.expired(expired_now, [ev.type_name for ev in late])
 
         lanes = self._lanes(live)
+        lease = _Lease(
+            self.store,
+            claim.events[0].lease_token,
+            self.lease_seconds,
+            self.publish_timeout_seconds + LEASE_MARGIN_SECONDS,
+            started=claim_started,
+        )
         if self._pool is not None and len(lanes) > 1:
-            results = list(self._pool.map(self._publish_lane, lanes))
+            results = list(self._pool.map(lambda lane: self._publish_lane(lane, lease), lanes))
         else:
-            results = [self._publish_lane(lane) for lane in lanes]
+            results = [self._publish_lane(lane, lease) for lane in lanes]
+        if lease.lost:
+            logger.warning(
+                "outbox lease taken over during a pass; stopped publishing its rows",
+                extra={"rows": sum(len(lane) for lane in lanes)},
+            )
 
         sent = [ev for result in results for ev in result.sent]
         released = [ev for result in results for ev in result.released]
+        # Retry delays (and Retry-After) count from the answers, not from the claim: a pass can
+        # last several publish timeouts before its last request fails.
+        answered_at = utcnow()
         failures = broken + [
-            self._decide(ev, error, now) for result in results for ev, error in result.failed
+            self._decide(ev, error, answered_at)
+            for result in results
+            for ev, error in result.failed
         ]
         report.requests = sum(result.requests for result in results)
         owned = self.store.mark_sent(sent, erase_phi_now=self.erase_phi_now)
@@ -193,7 +266,7 @@ class Relay:
         report.lost_leases += len(sent) - owned
         report.released = self.store.release(released)
         self.store.record_failures(failures)
-        report.dead = sum(1 for f in failures if f.retry_at is None)
+        report.dead = sum(1 for f in failures if f.retry_in_seconds is None)
         report.retried = len(failures) - report.dead
         self.observer.sent(sent)
         self.observer.released(report.released)
@@ -201,9 +274,9 @@ class Relay:
         for failure in failures:
             self.observer.failed(
                 failure.event,
-                dead=failure.retry_at is None,
+                dead=failure.retry_in_seconds is None,
                 status=failure.status_code,
-                transient=failure.retry_at is not None,
+                transient=failure.retry_in_seconds is not None,
             )
         if report.lost_leases:
             logger.warning(
@@ -217,7 +290,7 @@ class Relay:
                     "event_id": failure.event.event_id,
                     "type": failure.event.type_name,
                     "attempt": failure.event.attempts,
-                    "outcome": "dead" if failure.retry_at is None else "retry",
+                    "outcome": "dead" if failure.retry_in_seconds is None else "retry",
                     "reason": failure.reason,
                 },
             )
@@ -261,13 +334,15 @@ class Relay:
             lanes.setdefault(lane, []).append(ev)
         return [sorted(lane, key=lambda ev: ev.id) for lane in lanes.values()]
 
-    def _publish_lane(self, lane: Sequence[ClaimedEvent]) -> _LaneResult:
+    def _publish_lane(self, lane: Sequence[ClaimedEvent], lease: _Lease) -> _LaneResult:
         """Publish one lane in order; see the module docstring for the failure rules."""
         result = _LaneResult()
         queue = deque(lane)
         blocked: set[str] = set()
         singles = 0  # events left to send one by one after a permanent batch failure
         while queue:
+            if not lease.ensure():
+                break  # taken over: the remaining rows are another worker's now
             chunk: list[ClaimedEvent] = []
             limit = 1 if singles else MAX_BATCH_EVENTS
             while queue and len(chunk) < limit:
@@ -311,5 +386,4 @@ class Relay:
         reason = error.reason
         if delay is None and error.transient:
             reason = f"{reason} (gave up after {ev.attempts} attempts)"
-        retry_at = None if delay is None else now + dt.timedelta(seconds=delay)
-        return Failure(ev, reason, retry_at, error.status)
+        return Failure(ev, reason, delay, error.status)

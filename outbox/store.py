@@ -249,7 +249,7 @@ class Failure:
 
     event: ClaimedEvent
     reason: str
-    retry_at: dt.datetime | None  # None: dead letter
+    retry_in_seconds: float | None  # None: dead letter; else due again after this delay
     status_code: int | None = None
 
 
@@ -464,6 +464,17 @@ class Store:
                 total += int(result.rowcount or 0)
         return total
 
+    def extend_lease(self, token: str, *, lease_seconds: float) -> int:
+        """Push the expiry of every row still leased under ``token``; returns how many."""
+        e = events
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.update(e)
+                .where(e.c.lease_token == token, e.c.status == Status.IN_FLIGHT.value)
+                .values(lease_expires_at=self._now(lease_seconds))
+            )
+            return int(result.rowcount or 0)
+
     def release(self, claimed: Sequence[ClaimedEvent]) -> int:
         """Give rows back without charging an attempt (they were never sent)."""
         if not claimed:
@@ -499,7 +510,7 @@ class Store:
             now = self.db_now(conn)
             for failure in failures:
                 ev = failure.event
-                dead = failure.retry_at is None
+                dead = failure.retry_in_seconds is None
                 log = _append_log(
                     ev.attempt_log,
                     {
@@ -520,7 +531,8 @@ class Store:
                 if dead:
                     values["finished_at"] = now
                 else:
-                    values["available_at"] = failure.retry_at
+                    # the database clock, like every other due-time comparison
+                    values["available_at"] = self._now(failure.retry_in_seconds or 0.0)
                 result = conn.execute(
                     sa.update(e)
                     .where(

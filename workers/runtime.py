@@ -46,6 +46,7 @@ def build(settings: Settings | None = None) -> Runtime:
         publish_concurrency=settings.publish_concurrency,
         phi_retention_seconds=settings.phi_retention_seconds,
         observer=PrometheusObserver(),
+        publish_timeout_seconds=settings.publish_timeout_seconds,
     )
     return Runtime(settings=settings, store=store, relay=relay, pid=os.getpid())
 

@@ -398,3 +398,46 @@ def test_the_sweep_delivers_rows_of_a_worker_that_died_mid_batch(engine):
     assert report.sent == 4
     assert [json.loads(e.data)["id"] for e in fake.published] == [e.event_id for e in batch]
     assert all(r.status == "sent" for r in rows(engine).values())
+
+
+def test_a_lease_shorter_than_a_publish_request_is_refused(engine):
+    from outbox import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="OUTBOX_LEASE_SECONDS"):
+        Relay(store=Store(engine), publisher=FakePublisher(), lease_seconds=3, publish_timeout_seconds=5)
+
+
+def test_a_slow_pass_extends_its_lease_instead_of_losing_it(engine):
+    outbox = make_outbox()
+    enqueue_created(outbox, engine, new_opaque_id("pha"), n=30)
+
+    class Slow(FakePublisher):
+        def publish_batch(self, events):
+            time.sleep(0.6)
+            super().publish_batch(events)
+
+    store = Store(engine)
+    fake = Slow()
+    relay = Relay(
+        store=store, publisher=fake, lease_seconds=1.5, publish_timeout_seconds=0.5,
+        publish_concurrency=1,
+    )
+    stop = threading.Event()
+    reclaimed = []
+
+    def sweeper():  # another worker's sweep, reclaiming expired leases all the time
+        while not stop.is_set():
+            reclaimed.append(Store(engine).reclaim_expired_leases())
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    try:
+        report = relay.run_once()  # 3 requests of 0.6 s: longer than the 1.5 s lease
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert report.sent == 30
+    assert report.lost_leases == 0
+    assert sum(reclaimed) == 0
+    assert all(r.status == "sent" for r in rows(engine).values())
