@@ -95,6 +95,18 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
         yield conn.execution_options(**{READ_ONLY_OPTION: True})
 
 
+def _is(column: sa.ColumnElement[Any], status: Status) -> sa.ColumnElement[bool]:
+    """``status = 'literal'``: a literal, not a bound parameter, so that the partial indexes
+    (whose predicates name the statuses) can serve the query on PostgreSQL and SQLite."""
+    return column == sa.literal_column(f"'{status.value}'")
+
+
+def _in(column: sa.ColumnElement[Any], statuses: Iterable[str]) -> sa.ColumnElement[bool]:
+    """``status IN ('a', 'b')`` with literals (see :func:`_is`)."""
+    values = [Status(value) for value in statuses]
+    return column.in_([sa.literal_column(f"'{value.value}'") for value in values])
+
+
 def now_expr(dialect_name: str, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
     """The database clock (PostgreSQL) or the host clock (SQLite), plus an offset, as SQL."""
     if dialect_name == "postgresql":
@@ -310,14 +322,14 @@ class Store:
             .where(
                 b.c.ordering_key == e.c.ordering_key,
                 b.c.id < e.c.id,
-                b.c.status.in_(OPEN_STATUSES),
-                sa.or_(b.c.status == Status.IN_FLIGHT.value, b.c.available_at > self._now()),
+                _in(b.c.status, OPEN_STATUSES),
+                sa.or_(_is(b.c.status, Status.IN_FLIGHT), b.c.available_at > self._now()),
             )
             .exists()
         )
         candidates = (
             sa.select(e.c.id, e.c.ordering_key, e.c.expires_at, e.c.contains_phi)
-            .where(e.c.status == Status.PENDING.value, e.c.available_at <= self._now(), ~blocked)
+            .where(_is(e.c.status, Status.PENDING), e.c.available_at <= self._now(), ~blocked)
             .order_by(e.c.id)
             .limit(limit)
         )
@@ -399,7 +411,7 @@ class Store:
                 sa.select(e.c.ordering_key, sa.func.min(e.c.id))
                 .where(
                     e.c.ordering_key.in_(keys),
-                    e.c.status.in_(OPEN_STATUSES),
+                    _in(e.c.status, OPEN_STATUSES),
                     e.c.id.not_in(ids),
                 )
                 .group_by(e.c.ordering_key)
@@ -413,7 +425,7 @@ class Store:
         e = events
         result = conn.execute(
             sa.update(e)
-            .where(e.c.id.in_(ids), e.c.status.in_(OPEN_STATUSES))
+            .where(e.c.id.in_(ids), _in(e.c.status, OPEN_STATUSES))
             .values(
                 status=Status.EXPIRED.value,
                 finished_at=self._now(),
@@ -457,7 +469,7 @@ class Store:
                     .where(
                         e.c.id.in_(ids),
                         e.c.lease_token == token,
-                        e.c.status == Status.IN_FLIGHT.value,
+                        _is(e.c.status, Status.IN_FLIGHT),
                     )
                     .values(**values)
                 )
@@ -470,7 +482,7 @@ class Store:
         with self.engine.begin() as conn:
             result = conn.execute(
                 sa.update(e)
-                .where(e.c.lease_token == token, e.c.status == Status.IN_FLIGHT.value)
+                .where(e.c.lease_token == token, _is(e.c.status, Status.IN_FLIGHT))
                 .values(lease_expires_at=self._now(lease_seconds))
             )
             return int(result.rowcount or 0)
@@ -488,7 +500,7 @@ class Store:
                     .where(
                         e.c.id.in_(ids),
                         e.c.lease_token == token,
-                        e.c.status == Status.IN_FLIGHT.value,
+                        _is(e.c.status, Status.IN_FLIGHT),
                     )
                     .values(
                         status=Status.PENDING.value,
@@ -538,7 +550,7 @@ class Store:
                     .where(
                         e.c.id == ev.id,
                         e.c.lease_token == ev.lease_token,
-                        e.c.status == Status.IN_FLIGHT.value,
+                        _is(e.c.status, Status.IN_FLIGHT),
                     )
                     .values(**values)
                 )
@@ -558,7 +570,7 @@ class Store:
                     .where(
                         e.c.id.in_(ids),
                         e.c.lease_token == token,
-                        e.c.status == Status.IN_FLIGHT.value,
+                        _is(e.c.status, Status.IN_FLIGHT),
                     )
                     .values(
                         status=Status.EXPIRED.value,
@@ -579,7 +591,7 @@ class Store:
         with self.engine.begin() as conn:
             result = conn.execute(
                 sa.update(e)
-                .where(e.c.status == Status.IN_FLIGHT.value, e.c.lease_expires_at < self._now())
+                .where(_is(e.c.status, Status.IN_FLIGHT), e.c.lease_expires_at < self._now())
                 .values(
                     status=Status.PENDING.value,
                     lease_token=None,
@@ -598,7 +610,7 @@ class Store:
                 conn.execute(
                     sa.select(e.c.id)
                     .where(
-                        e.c.status == Status.PENDING.value,
+                        _is(e.c.status, Status.PENDING),
                         e.c.expires_at.is_not(None),
                         e.c.expires_at <= self._now(),
                     )
@@ -627,7 +639,7 @@ class Store:
         ``dead_retention_seconds``. Metadata stays for monitoring.
         """
         e = events
-        finished_sent = e.c.status.in_((Status.SENT.value, Status.EXPIRED.value))
+        finished_sent = _in(e.c.status, (Status.SENT.value, Status.EXPIRED.value))
         condition = sa.or_(
             sa.and_(
                 finished_sent,
@@ -640,7 +652,7 @@ class Store:
                 e.c.finished_at <= self._now(-payload_retention_seconds),
             ),
             sa.and_(
-                e.c.status == Status.DEAD.value,
+                _is(e.c.status, Status.DEAD),
                 e.c.finished_at <= self._now(-dead_retention_seconds),
             ),
         )
@@ -658,7 +670,7 @@ class Store:
                 return 0
             result = conn.execute(
                 sa.update(e)
-                .where(e.c.id.in_(ids), e.c.status.in_(TERMINAL_STATUSES))
+                .where(e.c.id.in_(ids), _in(e.c.status, TERMINAL_STATUSES))
                 .values(data=None, payload_erased_at=self._now())
             )
             return int(result.rowcount or 0)
@@ -680,7 +692,7 @@ class Store:
                 conn.execute(
                     sa.select(e.c.id)
                     .where(
-                        e.c.status.in_(wanted),
+                        _in(e.c.status, wanted),
                         e.c.finished_at.is_not(None),
                         e.c.finished_at <= self._now(-older_than_seconds),
                     )
@@ -693,7 +705,7 @@ class Store:
             if not ids:
                 return 0
             result = conn.execute(
-                sa.delete(e).where(e.c.id.in_(ids), e.c.status.in_(TERMINAL_STATUSES))
+                sa.delete(e).where(e.c.id.in_(ids), _in(e.c.status, TERMINAL_STATUSES))
             )
             return int(result.rowcount or 0)
 
@@ -705,7 +717,7 @@ class Store:
         Rows whose payload was already erased cannot be redriven and are left dead.
         """
         e = events
-        conditions = [e.c.status == Status.DEAD.value, e.c.data.is_not(None)]
+        conditions = [_is(e.c.status, Status.DEAD), e.c.data.is_not(None)]
         if ids is not None:
             conditions.append(e.c.id.in_(list(ids)))
         if type_name is not None:
@@ -741,7 +753,7 @@ class Store:
                 e.c.last_error,
                 (e.c.data.is_not(None)).label("payload_held"),
             )
-            .where(e.c.status == Status.DEAD.value)
+            .where(_is(e.c.status, Status.DEAD))
             .order_by(e.c.id.desc())
             .limit(limit)
             .offset(offset)
@@ -794,18 +806,16 @@ class Store:
                 by_type.setdefault(type_name, {})[status] = count
             oldest_due = conn.execute(
                 sa.select(sa.func.min(e.c.available_at)).where(
-                    e.c.status == Status.PENDING.value, e.c.available_at <= self._now()
+                    _is(e.c.status, Status.PENDING), e.c.available_at <= self._now()
                 )
             ).scalar()
             due_now = conn.execute(
                 sa.select(sa.func.count()).where(
-                    e.c.status == Status.PENDING.value, e.c.available_at <= self._now()
+                    _is(e.c.status, Status.PENDING), e.c.available_at <= self._now()
                 )
             ).scalar_one()
             retrying = conn.execute(
-                sa.select(sa.func.count()).where(
-                    e.c.status == Status.PENDING.value, e.c.attempts > 0
-                )
+                sa.select(sa.func.count()).where(_is(e.c.status, Status.PENDING), e.c.attempts > 0)
             ).scalar_one()
             windows = {"1m": 60, "5m": 300, "15m": 900}
             sent_since = {
@@ -813,7 +823,7 @@ class Store:
                     sa.select(sa.func.count()).where(
                         e.c.finished_at.is_not(None),
                         e.c.finished_at >= self._now(-seconds),
-                        e.c.status == Status.SENT.value,
+                        _is(e.c.status, Status.SENT),
                     )
                 ).scalar_one()
                 for name, seconds in windows.items()
@@ -823,7 +833,7 @@ class Store:
                 .where(
                     e.c.finished_at.is_not(None),
                     e.c.finished_at >= self._now(-latency_window_seconds),
-                    e.c.status == Status.SENT.value,
+                    _is(e.c.status, Status.SENT),
                 )
                 .order_by(e.c.finished_at.desc())
                 .limit(LATENCY_SAMPLE_LIMIT)
