@@ -404,7 +404,12 @@ def test_a_lease_shorter_than_a_publish_request_is_refused(engine):
     from outbox import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="OUTBOX_LEASE_SECONDS"):
-        Relay(store=Store(engine), publisher=FakePublisher(), lease_seconds=3, publish_timeout_seconds=5)
+        Relay(
+            store=Store(engine),
+            publisher=FakePublisher(),
+            lease_seconds=3,
+            publish_timeout_seconds=5,
+        )
 
 
 def test_a_slow_pass_extends_its_lease_instead_of_losing_it(engine):
@@ -419,7 +424,10 @@ def test_a_slow_pass_extends_its_lease_instead_of_losing_it(engine):
     store = Store(engine)
     fake = Slow()
     relay = Relay(
-        store=store, publisher=fake, lease_seconds=1.5, publish_timeout_seconds=0.5,
+        store=store,
+        publisher=fake,
+        lease_seconds=1.5,
+        publish_timeout_seconds=0.5,
         publish_concurrency=1,
     )
     stop = threading.Event()
