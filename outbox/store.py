@@ -446,21 +446,15 @@ class Store:
 
     # --- final writes (row id + lease token) ----------------------------------------------
 
-    def mark_sent(self, claimed: Sequence[ClaimedEvent], *, erase_phi_now: bool) -> int:
-        """Mark rows sent; returns how many this lease still owned."""
+    def _update_leased(self, claimed: Sequence[ClaimedEvent], values: Mapping[str, Any]) -> int:
+        """Apply ``values`` to the rows of ``claimed`` that their lease still owns.
+
+        Every final write goes through here: it checks row id, lease token and ``in_flight``, so
+        a worker whose lease was taken over changes nothing. Returns the rows changed.
+        """
         if not claimed:
             return 0
         e = events
-        values: dict[str, Any] = {
-            "status": Status.SENT.value,
-            "sent_at": self._now(),
-            "finished_at": self._now(),
-            "lease_token": None,
-            "lease_expires_at": None,
-            "last_error": None,
-        }
-        if erase_phi_now:
-            values.update(self._erase_phi_values())
         total = 0
         for token, ids in _group_by_token(claimed).items():
             with self.engine.begin() as conn:
@@ -475,6 +469,22 @@ class Store:
                 )
                 total += int(result.rowcount or 0)
         return total
+
+    def mark_sent(self, claimed: Sequence[ClaimedEvent], *, erase_phi_now: bool) -> int:
+        """Mark rows sent; returns how many this lease still owned."""
+        if not claimed:
+            return 0
+        values: dict[str, Any] = {
+            "status": Status.SENT.value,
+            "sent_at": self._now(),
+            "finished_at": self._now(),
+            "lease_token": None,
+            "lease_expires_at": None,
+            "last_error": None,
+        }
+        if erase_phi_now:
+            values.update(self._erase_phi_values())
+        return self._update_leased(claimed, values)
 
     def extend_lease(self, token: str, *, lease_seconds: float) -> int:
         """Push the expiry of every row still leased under ``token``; returns how many."""
@@ -492,25 +502,15 @@ class Store:
         if not claimed:
             return 0
         e = events
-        total = 0
-        for token, ids in _group_by_token(claimed).items():
-            with self.engine.begin() as conn:
-                result = conn.execute(
-                    sa.update(e)
-                    .where(
-                        e.c.id.in_(ids),
-                        e.c.lease_token == token,
-                        _is(e.c.status, Status.IN_FLIGHT),
-                    )
-                    .values(
-                        status=Status.PENDING.value,
-                        attempts=e.c.attempts - 1,
-                        lease_token=None,
-                        lease_expires_at=None,
-                    )
-                )
-                total += int(result.rowcount or 0)
-        return total
+        return self._update_leased(
+            claimed,
+            {
+                "status": Status.PENDING.value,
+                "attempts": e.c.attempts - 1,
+                "lease_token": None,
+                "lease_expires_at": None,
+            },
+        )
 
     def record_failures(self, failures: Sequence[Failure]) -> int:
         """Schedule a retry or dead-letter each failed row; reasons are already sanitized."""
@@ -561,27 +561,16 @@ class Store:
         """Mark leased rows expired (their time-to-live passed while retrying)."""
         if not claimed:
             return 0
-        e = events
-        total = 0
-        for token, ids in _group_by_token(claimed).items():
-            with self.engine.begin() as conn:
-                result = conn.execute(
-                    sa.update(e)
-                    .where(
-                        e.c.id.in_(ids),
-                        e.c.lease_token == token,
-                        _is(e.c.status, Status.IN_FLIGHT),
-                    )
-                    .values(
-                        status=Status.EXPIRED.value,
-                        finished_at=self._now(),
-                        lease_token=None,
-                        lease_expires_at=None,
-                        **self._erase_phi_values(),
-                    )
-                )
-                total += int(result.rowcount or 0)
-        return total
+        return self._update_leased(
+            claimed,
+            {
+                "status": Status.EXPIRED.value,
+                "finished_at": self._now(),
+                "lease_token": None,
+                "lease_expires_at": None,
+                **self._erase_phi_values(),
+            },
+        )
 
     # --- sweeping ------------------------------------------------------------------------
 

@@ -30,21 +30,10 @@ from outbox.errors import PermanentPublishError
 from outbox.models import events
 from outbox.relay import Relay
 from outbox.store import Store
-from tests.conftest import REPO_ROOT, service_missing
+from tests.conftest import REPO_ROOT
 from tests.integration.helpers import ORDER_CREATED, ORDER_DETAILS, FakePublisher, make_outbox
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CANARY = "CANARY-dashboard-Patient-Doe"
 TOKEN = "dashboard-test-token-" + "x7Kq2mZp9"
 ARTIFACTS = REPO_ROOT / "artifacts"
@@ -282,33 +271,7 @@ def test_no_auth_on_loopback_serves_loopback_host_names_only(sqlite_database_url
         assert _stop(proc) == 0
 
 
-# -- browser -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Debian's chromium, headless, through Playwright (never a downloaded browser)."""
-    if not os.access(CHROMIUM, os.X_OK):
-        service_missing(f"chromium not found at {CHROMIUM}")
-    try:
-        from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        service_missing("the playwright package is not installed (pip install -e '.[dev]')")
-    playwright = sync_playwright().start()
-    try:
-        try:
-            chromium = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=30_000
-            )
-        except PlaywrightError as exc:
-            service_missing(f"chromium at {CHROMIUM} does not start: {exc}")
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-    finally:
-        playwright.stop()
+# -- browser (fixture `browser` in tests/acceptance/conftest.py) ---------------------------
 
 
 def test_page_shows_the_table_and_updates_live_without_payloads(dashboard, engine, browser):
