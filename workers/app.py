@@ -39,8 +39,12 @@ SWEEP_TASK = "outbox.sweep"
 QUEUE = "outbox"
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery configuration derived from our settings."""
+def celery_config(settings: Settings, *, producer: bool = True) -> dict[str, Any]:
+    """Celery configuration derived from our settings.
+
+    ``producer`` is true in application processes (they only send kicks) and false under
+    ``celery worker``/``celery beat``, which keep kombu's reconnection defaults.
+    """
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "task_serializer": "json",
@@ -73,14 +77,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         config["broker_transport_options"] = {
-            # An application's after-commit kick must not wait for a broker that is down: no
-            # implicit reconnect loop when publishing (the worker's consumer reconnects with
-            # its own retry policy, broker_connection_max_retries).
-            "max_retries": 0,
             "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0,
             "visibility_timeout": 3600,
         }
+        if producer:
+            # An application's after-commit kick must not wait for a broker that is down: no
+            # implicit reconnect loop when publishing. Workers and beat keep kombu's defaults.
+            config["broker_transport_options"]["max_retries"] = 0
     return config
 
 
@@ -98,7 +102,7 @@ def _lazy_config() -> dict[str, Any]:
     the variable (no traceback); inside an application the error propagates to the caller.
     """
     try:
-        return celery_config(load_settings())
+        return celery_config(load_settings(), producer=not _running_celery_command())
     except ConfigurationError as exc:
         if _running_celery_command():
             raise SystemExit(f"pusher-outbox: {exc}") from None
