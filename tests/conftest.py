@@ -63,9 +63,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # -- soketi --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def soketi() -> Iterator[Soketi]:
-    """A soketi server for the whole session, on its own free port."""
+@contextlib.contextmanager
+def running_soketi() -> Iterator[Soketi]:
+    """A started soketi on its own free port (skip or, under CI, fail when it cannot start)."""
     server = Soketi()
     try:
         server.start()
@@ -76,6 +76,20 @@ def soketi() -> Iterator[Soketi]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def soketi() -> Iterator[Soketi]:
+    """A soketi server for the whole session."""
+    with running_soketi() as server:
+        yield server
+
+
+@pytest.fixture
+def own_soketi() -> Iterator[Soketi]:
+    """A soketi for one test alone, which may stop and restart it to cause failures."""
+    with running_soketi() as server:
+        yield server
 
 
 @pytest.fixture

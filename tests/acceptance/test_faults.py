@@ -39,7 +39,7 @@ from outbox import ChannelAuthorizer, Outbox, new_opaque_id
 from outbox.models import events
 from outbox.publisher import PusherPublisher
 from outbox.store import create_engine
-from outbox.testing.soketi import Soketi, SoketiError, find_free_port
+from outbox.testing.soketi import Soketi, find_free_port
 from outbox.testing.subscriber import ReceivedEvent, Subscriber
 from tests.acceptance.fault_proxy import Fault, FaultProxy, RequestRecord
 from tests.acceptance.workers import (
@@ -148,21 +148,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def own_soketi() -> Iterator[Soketi]:
-    """A soketi of this test only (the soketi test stops it)."""
-    server = Soketi()
-    try:
-        server.start()
-    except SoketiError as exc:
-        server.close()
-        service_missing(f"soketi unavailable: {exc}")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 # -- the deployment under test --------------------------------------------------------------------

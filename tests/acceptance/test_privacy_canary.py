@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,6 @@ from outbox.models import audit, events
 from outbox.publisher import PusherPublisher
 from outbox.relay import Relay
 from outbox.store import Store, create_engine
-from outbox.testing.soketi import Soketi, SoketiError
 from outbox.testing.subscriber import Subscriber
 from tests.acceptance.workers import (
     RedisMonitor,
@@ -42,28 +41,12 @@ from tests.acceptance.workers import (
     relay_env,
     relay_worker,
 )
-from tests.conftest import service_missing
 from tests.integration.helpers import ORDER_CREATED, ORDER_DETAILS
 from workers import kick
 
 pytestmark = [pytest.mark.timeout(60)]
 
 OUTBOX_CLI = str(Path(sys.executable).with_name("outbox"))
-
-
-@pytest.fixture
-def own_soketi() -> Iterator[Soketi]:
-    """A soketi for this test alone: it is stopped and restarted to force a transient failure."""
-    server = Soketi()
-    try:
-        server.start()
-    except SoketiError as exc:
-        server.close()
-        service_missing(f"soketi unavailable: {exc}")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def rows_of(engine: sa.Engine, table: sa.Table) -> list[sa.Row]:
