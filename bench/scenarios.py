@@ -422,10 +422,10 @@ def _claim_samples(url: str, samples: int, budget_seconds: float) -> dict[str, A
             started = time.perf_counter()
             claim = store.claim(limit=100, lease_seconds=30)
             claimed = time.perf_counter()
-            store.mark_sent(claim.events, erase_phi_now=True)
+            store.mark_sent(claim, erase_phi_now=True)
             marked = time.perf_counter()
-            if len(claim.events) != 100:
-                raise RuntimeError(f"claim returned {len(claim.events)} rows instead of 100")
+            if len(claim) != 100:
+                raise RuntimeError(f"claim returned {len(claim)} rows instead of 100")
             if i >= 1:  # the first claim warms the connection and the caches
                 claim_ms.append((claimed - started) * 1000)
                 mark_ms.append((marked - claimed) * 1000)

@@ -206,19 +206,16 @@ class Relay:
     def run_once(self) -> RelayReport:
         """Claim one batch and deliver it. Returns what happened."""
         claim_started = time.monotonic()  # the lease counts from no later than this
-        claim = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
-        report = RelayReport(claimed=len(claim.events), expired=claim.expired)
-        self.observer.claimed(len(claim.events))
-        if claim.expired:
-            self.observer.expired(claim.expired)
-        if not claim.events:
+        claimed = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
+        report = RelayReport(claimed=len(claimed))
+        self.observer.claimed(len(claimed))
+        if not claimed:
             return report
-        now = utcnow()
         live: list[ClaimedEvent] = []
         late: list[ClaimedEvent] = []
         broken: list[Failure] = []
-        for ev in claim.events:
-            if ev.expires_at is not None and ev.expires_at <= now:
+        for ev in claimed:
+            if ev.overdue:
                 late.append(ev)
             elif ev.data is None:
                 broken.append(
@@ -234,7 +231,7 @@ class Relay:
         lanes = self._lanes(live)
         lease = _Lease(
             self.store,
-            claim.events[0].lease_token,
+            claimed[0].lease_token,
             self.lease_seconds,
             self.publish_timeout_seconds + LEASE_MARGIN_SECONDS,
             started=claim_started,

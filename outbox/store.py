@@ -253,6 +253,25 @@ class ClaimedEvent:
     expires_at: dt.datetime | None
     lease_token: str
     attempt_log: str | None
+    overdue: bool = False  # past its time-to-live by the database clock when it was claimed
+
+
+_CLAIMED_COLUMNS = (
+    events.c.id,
+    events.c.event_id,
+    events.c.type_name,
+    events.c.channel,
+    events.c.event_name,
+    events.c.ordering_key,
+    events.c.data,
+    events.c.encrypted,
+    events.c.contains_phi,
+    events.c.exclude_socket_id,
+    events.c.attempts,
+    events.c.created_at,
+    events.c.expires_at,
+    events.c.attempt_log,
+)
 
 
 @dataclass(frozen=True)
@@ -263,12 +282,6 @@ class Failure:
     reason: str
     retry_in_seconds: float | None  # None: dead letter; else due again after this delay
     status_code: int | None = None
-
-
-@dataclass(frozen=True)
-class ClaimResult:
-    events: list[ClaimedEvent]
-    expired: int
 
 
 def _append_log(log: str | None, entry: Mapping[str, Any]) -> str:
@@ -308,72 +321,67 @@ class Store:
 
     # --- claim ---------------------------------------------------------------------------
 
-    def claim(self, *, limit: int, lease_seconds: float) -> ClaimResult:
+    def claim(self, *, limit: int, lease_seconds: float) -> list[ClaimedEvent]:
         """Lease up to ``limit`` due rows, oldest first, keeping per-key order.
 
         A row is claimable when it is pending and due, and no earlier row of its ordering key is
-        leased, waiting for a retry, or (PostgreSQL) locked by a concurrent claimer. Due rows past
-        their time-to-live are marked expired in the same short transaction instead.
+        leased, waiting for a retry, or (PostgreSQL) locked by a concurrent claimer. One
+        statement does it all (a single round trip): ``UPDATE … RETURNING`` over the candidates.
+        Rows past their time-to-live are claimed too; the relay marks them expired under the
+        lease instead of publishing them.
         """
         e = events
         b = events.alias("earlier")
         blocked = (
             sa.select(sa.literal(1))
             .where(
-                b.c.ordering_key == e.c.ordering_key,
-                b.c.id < e.c.id,
-                _in(b.c.status, OPEN_STATUSES),
+                self._open_before(b, e.c.ordering_key, e.c.id),
                 sa.or_(_is(b.c.status, Status.IN_FLIGHT), b.c.available_at > self._now()),
             )
             .exists()
         )
         candidates = (
-            sa.select(e.c.id, e.c.ordering_key, e.c.expires_at, e.c.contains_phi)
+            sa.select(e.c.id, e.c.ordering_key)
             .where(_is(e.c.status, Status.PENDING), e.c.available_at <= self._now(), ~blocked)
             .order_by(e.c.id)
             .limit(limit)
         )
         if self.is_postgres:
-            candidates = candidates.with_for_update(skip_locked=True, of=e)
+            # SKIP LOCKED passes over rows a concurrent claimer is leasing right now; a later row
+            # of the same key must then wait, or two workers would publish one key out of order:
+            # keep only candidates whose every earlier open row is a candidate too.
+            locked = candidates.with_for_update(skip_locked=True, of=e).cte("candidates")
+            o = events.alias("open_earlier")
+            overtaking = (
+                sa.select(sa.literal(1))
+                .where(
+                    self._open_before(o, locked.c.ordering_key, locked.c.id),
+                    o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
+                )
+                .exists()
+            )
+            chosen: sa.Select[Any] = sa.select(locked.c.id).where(~overtaking)
+        else:
+            chosen = candidates.with_only_columns(e.c.id)  # BEGIN IMMEDIATE: one claimer at a time
         token = str(uuid.uuid4())
+        statement = (
+            sa.update(e)
+            .where(e.c.id.in_(chosen.scalar_subquery()))
+            .values(
+                status=Status.IN_FLIGHT.value,
+                lease_token=token,
+                lease_expires_at=self._now(lease_seconds),
+                attempts=e.c.attempts + 1,
+            )
+            .returning(
+                *_CLAIMED_COLUMNS,
+                sa.and_(e.c.expires_at.is_not(None), e.c.expires_at <= self._now()).label(
+                    "overdue"
+                ),
+            )
+        )
         with self.engine.begin() as conn:
-            rows = conn.execute(candidates).all()
-            if not rows:
-                return ClaimResult([], 0)
-            now = self.db_now(conn)
-            expired_ids = [r.id for r in rows if r.expires_at is not None and r.expires_at <= now]
-            live = [r for r in rows if r.id not in set(expired_ids)]
-            if self.is_postgres and live:
-                live = self._drop_overtaking(conn, live)
-            expired = self._mark_expired(conn, expired_ids) if expired_ids else 0
-            if not live:
-                return ClaimResult([], expired)
-            claimed = conn.execute(
-                sa.update(e)
-                .where(e.c.id.in_([r.id for r in live]))
-                .values(
-                    status=Status.IN_FLIGHT.value,
-                    lease_token=token,
-                    lease_expires_at=self._now(lease_seconds),
-                    attempts=e.c.attempts + 1,
-                )
-                .returning(
-                    e.c.id,
-                    e.c.event_id,
-                    e.c.type_name,
-                    e.c.channel,
-                    e.c.event_name,
-                    e.c.ordering_key,
-                    e.c.data,
-                    e.c.encrypted,
-                    e.c.contains_phi,
-                    e.c.exclude_socket_id,
-                    e.c.attempts,
-                    e.c.created_at,
-                    e.c.expires_at,
-                    e.c.attempt_log,
-                )
-            ).all()
+            rows = conn.execute(statement).all()
         result = [
             ClaimedEvent(
                 id=r.id,
@@ -391,35 +399,29 @@ class Store:
                 expires_at=r.expires_at,
                 lease_token=token,
                 attempt_log=r.attempt_log,
+                overdue=bool(r.overdue),
             )
-            for r in claimed
+            for r in rows
         ]
         result.sort(key=lambda ev: ev.id)
-        return ClaimResult(result, expired)
+        return result
 
-    def _drop_overtaking(self, conn: Connection, rows: Sequence[Any]) -> list[Any]:
-        """Drop candidates that would overtake an earlier open row we did not lock.
+    def _open_before(
+        self, other: Any, key: sa.ColumnElement[Any], row_id: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[bool]:
+        """``other`` is an open row of ``key`` older than ``row_id``, in a form that only the
+        (ordering_key, id) index of open rows can serve.
 
-        ``SKIP LOCKED`` skips rows another claimer is leasing right now; a later row of the same
-        key must then wait, or the two workers would publish one key out of order.
+        On PostgreSQL the id comparison is a row value ``(key, id) < (key, id)``: with a plain
+        ``id < id`` the planner, given statistics gathered while every row was pending, scanned
+        the primary key over every row older than the candidate (50 ms instead of 1 ms per
+        claim). SQLite cannot use a row value for an index range, and plans ``id < id`` well.
         """
-        ids = [r.id for r in rows]
-        keys = sorted({r.ordering_key for r in rows})
-        e = events
-        first_open = dict(
-            conn.execute(
-                sa.select(e.c.ordering_key, sa.func.min(e.c.id))
-                .where(
-                    e.c.ordering_key.in_(keys),
-                    _in(e.c.status, OPEN_STATUSES),
-                    e.c.id.not_in(ids),
-                )
-                .group_by(e.c.ordering_key)
-            ).all()
-        )
-        return [
-            r for r in rows if r.ordering_key not in first_open or r.id < first_open[r.ordering_key]
-        ]
+        if self.is_postgres:
+            older = sa.tuple_(other.c.ordering_key, other.c.id) < sa.tuple_(key, row_id)
+        else:
+            older = other.c.id < row_id
+        return sa.and_(other.c.ordering_key == key, older, _in(other.c.status, OPEN_STATUSES))
 
     def _mark_expired(self, conn: Connection, ids: Sequence[int]) -> int:
         e = events
@@ -558,13 +560,14 @@ class Store:
         return total
 
     def expire(self, claimed: Sequence[ClaimedEvent]) -> int:
-        """Mark leased rows expired (their time-to-live passed while retrying)."""
+        """Mark rows claimed past their time-to-live expired (the claim's attempt is undone)."""
         if not claimed:
             return 0
         return self._update_leased(
             claimed,
             {
                 "status": Status.EXPIRED.value,
+                "attempts": events.c.attempts - 1,
                 "finished_at": self._now(),
                 "lease_token": None,
                 "lease_expires_at": None,

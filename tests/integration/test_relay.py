@@ -304,14 +304,47 @@ def test_expired_events_are_not_delivered_late(engine):
     assert rows(engine)[event.id].status == "expired"
 
 
+def test_rows_claimed_past_their_ttl_are_expired_without_charging_an_attempt(engine):
+    outbox = make_outbox()
+    [late] = enqueue_created(outbox, engine, new_opaque_id("pha"), ttl_seconds=0.05)
+    [fresh] = enqueue_created(outbox, engine, new_opaque_id("pha"))
+    time.sleep(0.2)
+    store = Store(engine)
+    claimed = {ev.id: ev for ev in store.claim(limit=10, lease_seconds=30)}
+    assert claimed[late.id].overdue and not claimed[fresh.id].overdue
+    assert store.expire([claimed[late.id]]) == 1
+    table = rows(engine)
+    assert (table[late.id].status, table[late.id].attempts) == ("expired", 0)
+    assert table[fresh.id].status == "in_flight"
+
+
+def test_a_claim_never_overtakes_an_earlier_row_locked_by_a_concurrent_claimer(
+    engine, database_url
+):
+    """PostgreSQL's SKIP LOCKED passes over a row another claimer holds; the later rows of that
+    key must wait, while other keys are claimed."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SKIP LOCKED is PostgreSQL's; SQLite claims one writer at a time")
+    outbox = make_outbox()
+    busy = enqueue_created(outbox, engine, new_opaque_id("pha"), n=3)
+    idle = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
+    with engine.connect() as other:
+        # Another claimer's transaction holds the first row of the busy key, not yet committed.
+        other.execute(sa.select(events.c.id).where(events.c.id == busy[0].id).with_for_update())
+        claimed = Store(engine).claim(limit=10, lease_seconds=30)
+        other.rollback()
+    assert [ev.id for ev in claimed] == [ev.id for ev in idle]
+    assert {r.status for i, r in rows(engine).items() if i in {ev.id for ev in busy}} == {"pending"}
+
+
 def test_a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner(engine):
     outbox = make_outbox()
     [event] = enqueue_created(outbox, engine, new_opaque_id("pha"))
     store = Store(engine)
-    stale = store.claim(limit=10, lease_seconds=0.05).events
+    stale = store.claim(limit=10, lease_seconds=0.05)
     time.sleep(0.2)
     assert store.reclaim_expired_leases() == 1
-    fresh = store.claim(limit=10, lease_seconds=30).events
+    fresh = store.claim(limit=10, lease_seconds=30)
     assert [e.id for e in fresh] == [event.id] and fresh[0].lease_token != stale[0].lease_token
     assert store.mark_sent(stale, erase_phi_now=True) == 0  # the old worker's write is refused
     assert rows(engine)[event.id].status == "in_flight"
@@ -324,7 +357,7 @@ def test_retention_erases_payloads_and_purge_deletes_only_finished_rows(engine):
     sent = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
     pending = enqueue_created(outbox, engine, new_opaque_id("pha"), n=1)
     store = Store(engine)
-    claimed = store.claim(limit=2, lease_seconds=30).events
+    claimed = store.claim(limit=2, lease_seconds=30)
     store.mark_sent(claimed, erase_phi_now=True)
     assert (
         store.erase_payloads(
@@ -388,7 +421,7 @@ def test_the_sweep_delivers_rows_of_a_worker_that_died_mid_batch(engine):
     outbox = make_outbox()
     batch = enqueue_created(outbox, engine, new_opaque_id("pha"), n=4)
     store = Store(engine)
-    died = store.claim(limit=10, lease_seconds=0.1).events  # the worker dies before publishing
+    died = store.claim(limit=10, lease_seconds=0.1)  # the worker dies before publishing
     assert len(died) == 4
     fake = FakePublisher()
     relay = Relay(store=store, publisher=fake)
