@@ -192,13 +192,18 @@ def render(result: dict[str, Any]) -> str:
         runs = s["rate"]["runs"] + s["saturation"]["runs"]
         ok = all(r["ok"] for r in runs)
         short = sum(r["missing"] for r in runs)
+        # Order is a check of its own: the naive app promises none (concurrent tasks).
+        unordered = sum(r.get("order_violations", 0) for r in runs)
+        check = "ok" if ok else f"FAILED ({short} missing)"
+        if unordered:
+            check += f", {unordered} out of order"
         lines.append(
             f"{s['name']:28} {_eps(s['saturation']):>22} {_f(ratios.get('ceiling'), 2):>6} "
             f"{_f(ratios.get('naive'), 1):>7} "
             f"{_f(offered) + ' / ' + _f(s['rate']['events_per_second']['median']):>23} "
             f"{_lat(s['rate']):>22} "
             f"{_f(sat_lat['p50']['median']) + ' / ' + _f(sat_lat['p99']['median']):>20} "
-            f"{_f(rss, 0):>8} {'ok' if ok else f'FAILED ({short} missing)'}"
+            f"{_f(rss, 0):>8} {check}"
         )
         spreads = [_lat_spread(s["rate"], q) for q in ("p50", "p99")]
         if any(spreads):

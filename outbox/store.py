@@ -117,6 +117,32 @@ def now_expr(dialect_name: str, offset_seconds: float = 0.0) -> sa.ColumnElement
     return sa.literal(utcnow() + dt.timedelta(seconds=offset_seconds), UTCDateTime())
 
 
+def clock(dialect_name: str, offset: str | None = None) -> sa.ColumnElement[Any]:
+    """A time in a statement built once and run many times.
+
+    PostgreSQL reads its own clock at execution, plus the ``offset`` parameter in seconds;
+    SQLite takes the host time bound at execution as the ``now`` (or ``offset``) parameter.
+    :func:`clock_params` gives the values.
+    """
+    if dialect_name != "postgresql":
+        return sa.bindparam(offset or "now", type_=UTCDateTime())
+    expr: sa.ColumnElement[Any] = sa.func.clock_timestamp()
+    if offset:
+        seconds = sa.bindparam(offset, type_=sa.Float())
+        expr = expr + seconds * sa.literal_column("interval '1 second'")
+    return expr
+
+
+def clock_params(dialect_name: str, **offsets: float) -> dict[str, Any]:
+    """The parameters of :func:`clock` expressions: offsets in seconds by name."""
+    if dialect_name == "postgresql":
+        return dict(offsets)
+    now = utcnow()
+    params: dict[str, Any] = {name: now + dt.timedelta(seconds=s) for name, s in offsets.items()}
+    params["now"] = now
+    return params
+
+
 @dataclass(frozen=True)
 class Inserted:
     """The row an enqueue wrote, or found by its deduplication key."""
@@ -136,6 +162,18 @@ def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
+# Statements of the enqueue path, built once per shape (dialect, columns, TTL, dedup): building
+# a statement costs more than the database takes to run it.
+_ENQUEUE_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    statement = _ENQUEUE_STATEMENTS.get(key)
+    if statement is None:
+        statement = _ENQUEUE_STATEMENTS[key] = build()
+    return statement
+
+
 def _next_sequence(conn: Connection, channel: str) -> int:
     """Take the channel's next sequence number, locking its counter until commit.
 
@@ -143,13 +181,18 @@ def _next_sequence(conn: Connection, channel: str) -> int:
     rolled-back transaction gives its number back, so there are no gaps.
     """
     s = channel_sequences
-    stmt = (
-        _dialect_insert(conn, s)
-        .values(channel=channel, last_seq=1)
-        .on_conflict_do_update(index_elements=[s.c.channel], set_={"last_seq": s.c.last_seq + 1})
-        .returning(s.c.last_seq)
+    statement = _cached(
+        ("next_seq", conn.dialect.name),
+        lambda: (
+            _dialect_insert(conn, s)
+            .values(channel=sa.bindparam("channel", type_=sa.String()), last_seq=1)
+            .on_conflict_do_update(
+                index_elements=[s.c.channel], set_={"last_seq": s.c.last_seq + 1}
+            )
+            .returning(s.c.last_seq)
+        ),
     )
-    return int(conn.execute(stmt).scalar_one())
+    return int(conn.execute(statement, {"channel": channel}).scalar_one())
 
 
 def _give_back_sequence(conn: Connection, channel: str) -> None:
@@ -186,21 +229,30 @@ def insert_event(
     seq = _next_sequence(conn, channel)
     row["seq"] = seq
     row["data"] = render(seq)
-    row["created_at"] = now_expr(dialect)
-    row["available_at"] = now_expr(dialect)
-    row["expires_at"] = now_expr(dialect, ttl_seconds) if ttl_seconds is not None else None
     row["status"] = Status.PENDING.value
     row["attempts"] = 0
-    if dedup_key is None:
-        new_id = conn.execute(sa.insert(e).values(**row).returning(e.c.id)).scalar_one()
-        return Inserted(int(new_id), str(row["event_id"]), True)
-    stmt = (
-        _dialect_insert(conn, e)
-        .values(**row)
-        .on_conflict_do_nothing(index_elements=[e.c.dedup_key])
-        .returning(e.c.id, e.c.event_id)
-    )
-    created = conn.execute(stmt).first()
+    columns = tuple(sorted(row))
+    with_ttl = ttl_seconds is not None
+    deduplicated = dedup_key is not None
+
+    def build() -> Any:
+        now = clock(dialect)
+        insert = _dialect_insert(conn, e).values(
+            **{name: sa.bindparam(name, type_=e.c[name].type) for name in columns},
+            created_at=now,
+            available_at=now,
+            expires_at=clock(dialect, "ttl_seconds") if with_ttl else None,
+        )
+        if deduplicated:
+            return insert.on_conflict_do_nothing(index_elements=[e.c.dedup_key]).returning(
+                e.c.id, e.c.event_id
+            )
+        return insert.returning(e.c.id, e.c.event_id)
+
+    statement = _cached(("insert", dialect, columns, with_ttl, deduplicated), build)
+    offsets: dict[str, float] = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+    params = {**row, **clock_params(dialect, **offsets)}
+    created = conn.execute(statement, params).first()
     if created is not None:
         return Inserted(int(created.id), str(created.event_id), True)
     _give_back_sequence(conn, channel)
@@ -303,11 +355,26 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        # The relay's hot statements, built once: building and caching-keying a statement with
+        # two aliases of the table cost more Python time than the database spent running it.
+        self._statements: dict[str, Any] = {}
 
     # --- time ----------------------------------------------------------------------------
 
     def _now(self, offset_seconds: float = 0.0) -> sa.ColumnElement[Any]:
         return now_expr(self.engine.dialect.name, offset_seconds)
+
+    def _clock(self, offset: str | None = None) -> sa.ColumnElement[Any]:
+        return clock(self.engine.dialect.name, offset)
+
+    def _clock_params(self, lease_seconds: float = 0.0) -> dict[str, Any]:
+        return clock_params(self.engine.dialect.name, lease_seconds=lease_seconds)
+
+    def _statement(self, key: str, build: Callable[[], Any]) -> Any:
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = build()
+        return statement
 
     def _read(self) -> contextlib.AbstractContextManager[Connection]:
         return read_connection(self.engine)
@@ -330,58 +397,11 @@ class Store:
         Rows past their time-to-live are claimed too; the relay marks them expired under the
         lease instead of publishing them.
         """
-        e = events
-        b = events.alias("earlier")
-        blocked = (
-            sa.select(sa.literal(1))
-            .where(
-                self._open_before(b, e.c.ordering_key, e.c.id),
-                sa.or_(_is(b.c.status, Status.IN_FLIGHT), b.c.available_at > self._now()),
-            )
-            .exists()
-        )
-        candidates = (
-            sa.select(e.c.id, e.c.ordering_key)
-            .where(_is(e.c.status, Status.PENDING), e.c.available_at <= self._now(), ~blocked)
-            .order_by(e.c.id)
-            .limit(limit)
-        )
-        if self.is_postgres:
-            # SKIP LOCKED passes over rows a concurrent claimer is leasing right now; a later row
-            # of the same key must then wait, or two workers would publish one key out of order:
-            # keep only candidates whose every earlier open row is a candidate too.
-            locked = candidates.with_for_update(skip_locked=True, of=e).cte("candidates")
-            o = events.alias("open_earlier")
-            overtaking = (
-                sa.select(sa.literal(1))
-                .where(
-                    self._open_before(o, locked.c.ordering_key, locked.c.id),
-                    o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
-                )
-                .exists()
-            )
-            chosen: sa.Select[Any] = sa.select(locked.c.id).where(~overtaking)
-        else:
-            chosen = candidates.with_only_columns(e.c.id)  # BEGIN IMMEDIATE: one claimer at a time
         token = str(uuid.uuid4())
-        statement = (
-            sa.update(e)
-            .where(e.c.id.in_(chosen.scalar_subquery()))
-            .values(
-                status=Status.IN_FLIGHT.value,
-                lease_token=token,
-                lease_expires_at=self._now(lease_seconds),
-                attempts=e.c.attempts + 1,
-            )
-            .returning(
-                *_CLAIMED_COLUMNS,
-                sa.and_(e.c.expires_at.is_not(None), e.c.expires_at <= self._now()).label(
-                    "overdue"
-                ),
-            )
-        )
+        statement = self._statement("claim", self._build_claim)
+        params = {"limit": limit, "token": token, **self._clock_params(lease_seconds)}
         with self.engine.begin() as conn:
-            rows = conn.execute(statement).all()
+            rows = conn.execute(statement, params).all()
         result = [
             ClaimedEvent(
                 id=r.id,
@@ -405,6 +425,56 @@ class Store:
         ]
         result.sort(key=lambda ev: ev.id)
         return result
+
+    def _build_claim(self) -> Any:
+        e = events
+        b = events.alias("earlier")
+        now = self._clock()
+        blocked = (
+            sa.select(sa.literal(1))
+            .where(
+                self._open_before(b, e.c.ordering_key, e.c.id),
+                sa.or_(_is(b.c.status, Status.IN_FLIGHT), b.c.available_at > now),
+            )
+            .exists()
+        )
+        candidates = (
+            sa.select(e.c.id, e.c.ordering_key)
+            .where(_is(e.c.status, Status.PENDING), e.c.available_at <= now, ~blocked)
+            .order_by(e.c.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer()))
+        )
+        if self.is_postgres:
+            # SKIP LOCKED passes over rows a concurrent claimer is leasing right now; a later row
+            # of the same key must then wait, or two workers would publish one key out of order:
+            # keep only candidates whose every earlier open row is a candidate too.
+            locked = candidates.with_for_update(skip_locked=True, of=e).cte("candidates")
+            o = events.alias("open_earlier")
+            overtaking = (
+                sa.select(sa.literal(1))
+                .where(
+                    self._open_before(o, locked.c.ordering_key, locked.c.id),
+                    o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
+                )
+                .exists()
+            )
+            chosen: sa.Select[Any] = sa.select(locked.c.id).where(~overtaking)
+        else:
+            chosen = candidates.with_only_columns(e.c.id)  # BEGIN IMMEDIATE: one claimer at a time
+        return (
+            sa.update(e)
+            .where(e.c.id.in_(chosen.scalar_subquery()))
+            .values(
+                status=Status.IN_FLIGHT.value,
+                lease_token=sa.bindparam("token", type_=sa.String()),
+                lease_expires_at=self._clock("lease_seconds"),
+                attempts=e.c.attempts + 1,
+            )
+            .returning(
+                *_CLAIMED_COLUMNS,
+                sa.and_(e.c.expires_at.is_not(None), e.c.expires_at <= now).label("overdue"),
+            )
+        )
 
     def _open_before(
         self, other: Any, key: sa.ColumnElement[Any], row_id: sa.ColumnElement[Any]
@@ -438,75 +508,99 @@ class Store:
         )
         return int(result.rowcount or 0)
 
-    def _erase_phi_values(self) -> dict[str, Any]:
+    def _erase_phi_values(self, now: sa.ColumnElement[Any] | None = None) -> dict[str, Any]:
         """Values that erase the payload of PHI rows at once (retention 0 for PHI)."""
         e = events
+        now = self._now() if now is None else now
         return {
             "data": sa.case((e.c.contains_phi, sa.null()), else_=e.c.data),
-            "payload_erased_at": sa.case((e.c.contains_phi, self._now()), else_=sa.null()),
+            "payload_erased_at": sa.case((e.c.contains_phi, now), else_=sa.null()),
         }
 
     # --- final writes (row id + lease token) ----------------------------------------------
 
-    def _update_leased(self, claimed: Sequence[ClaimedEvent], values: Mapping[str, Any]) -> int:
-        """Apply ``values`` to the rows of ``claimed`` that their lease still owns.
+    def _update_leased(
+        self,
+        claimed: Sequence[ClaimedEvent],
+        key: str,
+        values: Callable[[sa.ColumnElement[Any]], Mapping[str, Any]],
+    ) -> int:
+        """Apply ``values(now)`` to the rows of ``claimed`` that their lease still owns.
 
         Every final write goes through here: it checks row id, lease token and ``in_flight``, so
-        a worker whose lease was taken over changes nothing. Returns the rows changed.
+        a worker whose lease was taken over changes nothing. The statement is built once per
+        ``key``. Returns the rows changed.
         """
         if not claimed:
             return 0
         e = events
+
+        def build() -> Any:
+            return (
+                sa.update(e)
+                .where(
+                    e.c.id.in_(sa.bindparam("ids", expanding=True)),
+                    e.c.lease_token == sa.bindparam("token", type_=sa.String()),
+                    _is(e.c.status, Status.IN_FLIGHT),
+                )
+                .values(**values(self._clock()))
+            )
+
+        statement = self._statement(key, build)
         total = 0
         for token, ids in _group_by_token(claimed).items():
             with self.engine.begin() as conn:
                 result = conn.execute(
-                    sa.update(e)
-                    .where(
-                        e.c.id.in_(ids),
-                        e.c.lease_token == token,
-                        _is(e.c.status, Status.IN_FLIGHT),
-                    )
-                    .values(**values)
+                    statement, {"ids": ids, "token": token, **self._clock_params()}
                 )
                 total += int(result.rowcount or 0)
         return total
 
     def mark_sent(self, claimed: Sequence[ClaimedEvent], *, erase_phi_now: bool) -> int:
         """Mark rows sent; returns how many this lease still owned."""
-        if not claimed:
-            return 0
-        values: dict[str, Any] = {
-            "status": Status.SENT.value,
-            "sent_at": self._now(),
-            "finished_at": self._now(),
-            "lease_token": None,
-            "lease_expires_at": None,
-            "last_error": None,
-        }
-        if erase_phi_now:
-            values.update(self._erase_phi_values())
-        return self._update_leased(claimed, values)
+
+        def values(now: sa.ColumnElement[Any]) -> dict[str, Any]:
+            sent: dict[str, Any] = {
+                "status": Status.SENT.value,
+                "sent_at": now,
+                "finished_at": now,
+                "lease_token": None,
+                "lease_expires_at": None,
+                "last_error": None,
+            }
+            if erase_phi_now:
+                sent.update(self._erase_phi_values(now))
+            return sent
+
+        return self._update_leased(
+            claimed, "sent, erasing PHI" if erase_phi_now else "sent", values
+        )
 
     def extend_lease(self, token: str, *, lease_seconds: float) -> int:
         """Push the expiry of every row still leased under ``token``; returns how many."""
         e = events
-        with self.engine.begin() as conn:
-            result = conn.execute(
+        statement = self._statement(
+            "extend",
+            lambda: (
                 sa.update(e)
-                .where(e.c.lease_token == token, _is(e.c.status, Status.IN_FLIGHT))
-                .values(lease_expires_at=self._now(lease_seconds))
-            )
+                .where(
+                    e.c.lease_token == sa.bindparam("token", type_=sa.String()),
+                    _is(e.c.status, Status.IN_FLIGHT),
+                )
+                .values(lease_expires_at=self._clock("lease_seconds"))
+            ),
+        )
+        with self.engine.begin() as conn:
+            result = conn.execute(statement, {"token": token, **self._clock_params(lease_seconds)})
             return int(result.rowcount or 0)
 
     def release(self, claimed: Sequence[ClaimedEvent]) -> int:
         """Give rows back without charging an attempt (they were never sent)."""
-        if not claimed:
-            return 0
         e = events
         return self._update_leased(
             claimed,
-            {
+            "released",
+            lambda now: {
                 "status": Status.PENDING.value,
                 "attempts": e.c.attempts - 1,
                 "lease_token": None,
@@ -561,17 +655,16 @@ class Store:
 
     def expire(self, claimed: Sequence[ClaimedEvent]) -> int:
         """Mark rows claimed past their time-to-live expired (the claim's attempt is undone)."""
-        if not claimed:
-            return 0
         return self._update_leased(
             claimed,
-            {
+            "expired",
+            lambda now: {
                 "status": Status.EXPIRED.value,
                 "attempts": events.c.attempts - 1,
-                "finished_at": self._now(),
+                "finished_at": now,
                 "lease_token": None,
                 "lease_expires_at": None,
-                **self._erase_phi_values(),
+                **self._erase_phi_values(now),
             },
         )
 
