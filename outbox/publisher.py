@@ -193,14 +193,15 @@ class _Backend:
     """An HTTP backend for the SDK that reads status, body and headers.
 
     One ``requests.Session`` per thread, so connections are reused where the server allows it and
-    concurrent publishing threads never share one.
+    concurrent publishing threads never share one. The environment (``HTTPS_PROXY``,
+    ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``) is read once per session, not on every request:
+    ``requests`` otherwise looks up proxies, netrc and CA bundle paths per request, which cost
+    about 10% of a publish in the benchmark's profiles.
     """
 
     def __init__(self, client: Any, **options: Any) -> None:
         self.client = client
         self.options = options
-        if client.ssl:
-            self.options.setdefault("verify", True)
         self._local = threading.local()
 
     @property
@@ -208,6 +209,14 @@ class _Backend:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
+            scheme = "https" if self.client.ssl else "http"
+            url = f"{scheme}://{self.client.host}:{self.client.port}/"
+            environment = session.merge_environment_settings(url, {}, None, None, None)
+            session.trust_env = False
+            session.proxies.update(environment.get("proxies") or {})
+            session.verify = environment.get("verify", True)
+            if environment.get("cert"):
+                session.cert = environment["cert"]
             self._local.session = session
         return session
 

@@ -89,6 +89,9 @@ class RelayReport:
     released: int = 0
     lost_leases: int = 0
     requests: int = 0
+    # The last claim took every claimable row (fewer than it asked for): nothing committed before
+    # it started is left for a kick to deliver.
+    exhausted: bool = False
     sent_events: list[ClaimedEvent] = field(default_factory=list, repr=False)
 
     def add(self, other: RelayReport) -> None:
@@ -100,6 +103,7 @@ class RelayReport:
         self.released += other.released
         self.lost_leases += other.lost_leases
         self.requests += other.requests
+        self.exhausted = other.exhausted
 
 
 # Time kept in hand for recording outcomes after the last request of a pass.
@@ -196,6 +200,10 @@ class Relay:
             if publish_concurrency > 1
             else None
         )
+        # Wall-clock start of the latest claim that took every claimable row. Every row
+        # committed before it was claimed then or is held back by an earlier row of its key
+        # (whose relay claims again when done), so a kick sent before it has nothing to add.
+        self.caught_up_at = 0.0
 
     def close(self) -> None:
         if self._pool is not None:
@@ -206,8 +214,12 @@ class Relay:
     def run_once(self) -> RelayReport:
         """Claim one batch and deliver it. Returns what happened."""
         claim_started = time.monotonic()  # the lease counts from no later than this
+        claim_started_wall = time.time()
         claimed = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
-        report = RelayReport(claimed=len(claimed))
+        claimed_at = time.monotonic()
+        report = RelayReport(claimed=len(claimed), exhausted=len(claimed) < self.claim_batch_size)
+        if report.exhausted:
+            self.caught_up_at = max(self.caught_up_at, claim_started_wall)
         self.observer.claimed(len(claimed))
         if not claimed:
             return report
@@ -257,6 +269,7 @@ class Relay:
             for ev, error in result.failed
         ]
         report.requests = sum(result.requests for result in results)
+        published_at = time.monotonic()
         owned = self.store.mark_sent(sent, erase_phi_now=self.erase_phi_now)
         report.sent = len(sent)
         report.sent_events = sent
@@ -291,6 +304,18 @@ class Relay:
                     "reason": failure.reason,
                 },
             )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "outbox pass",
+                extra={
+                    "claimed": report.claimed,
+                    "sent": report.sent,
+                    "requests": report.requests,
+                    "claim_ms": round((claimed_at - claim_started) * 1000, 1),
+                    "publish_ms": round((published_at - claimed_at) * 1000, 1),
+                    "record_ms": round((time.monotonic() - published_at) * 1000, 1),
+                },
+            )
         return report
 
     def drain(self, *, max_seconds: float = 10.0) -> RelayReport:
@@ -300,7 +325,7 @@ class Relay:
         while True:
             report = self.run_once()
             total.add(report)
-            if report.claimed == 0 and report.expired == 0:
+            if report.claimed == 0:
                 break
             if time.monotonic() >= deadline:
                 break

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     drain_seconds: PositiveSeconds = Field(
         10.0, validation_alias=AliasChoices("OUTBOX_DRAIN_SECONDS")
     )
+    kick_coalesce_seconds: float = Field(
+        0.01, ge=0, le=1, validation_alias=AliasChoices("OUTBOX_KICK_COALESCE_SECONDS")
+    )
     sweep_interval_seconds: PositiveSeconds = Field(
         5.0, validation_alias=AliasChoices("OUTBOX_SWEEP_INTERVAL_SECONDS")
     )

@@ -482,3 +482,59 @@ def test_a_slow_pass_extends_its_lease_instead_of_losing_it(engine):
     assert report.lost_leases == 0
     assert sum(reclaimed) == 0
     assert all(r.status == "sent" for r in rows(engine).values())
+
+
+def test_caught_up_marks_the_start_of_the_last_claim_that_took_every_due_row(engine):
+    outbox = make_outbox()
+    enqueue_created(outbox, engine, new_opaque_id("pha"), n=5)
+    relay = Relay(store=Store(engine), publisher=FakePublisher(), claim_batch_size=2)
+    before = time.time()
+    first = relay.run_once()  # 2 of 5 due rows: more may be due, not caught up
+    assert (first.claimed, first.exhausted, relay.caught_up_at) == (2, False, 0.0)
+    report = relay.drain(max_seconds=5)
+    assert report.exhausted and report.sent == 3
+    assert before <= relay.caught_up_at <= time.time()
+
+
+def test_a_drain_that_runs_out_of_time_says_rows_are_left(engine):
+    outbox = make_outbox()
+    enqueue_created(outbox, engine, new_opaque_id("pha"), n=6)
+    relay = Relay(store=Store(engine), publisher=FakePublisher(), claim_batch_size=2)
+    report = relay.drain(max_seconds=0)  # one pass, then the deadline
+    assert (report.sent, report.exhausted) == (2, False)
+    assert sum(r.status == "pending" for r in rows(engine).values()) == 4
+
+
+def test_the_relay_task_skips_kicks_sent_before_it_caught_up_and_carries_on_when_cut_short(
+    monkeypatch,
+):
+    from workers import tasks
+
+    class FakeRelay:
+        caught_up_at = 1000.0
+        drains = 0
+
+        def drain(self, *, max_seconds):
+            self.drains += 1
+            return type(
+                "Report",
+                (),
+                {
+                    "exhausted": self.drains > 1,
+                    **dict.fromkeys(
+                        ("claimed", "sent", "retried", "dead", "expired", "released"), 0
+                    ),
+                },
+            )()
+
+    fake = FakeRelay()
+    runtime = type("Runtime", (), {"relay": fake, "settings": type("S", (), {"drain_seconds": 1})})
+    kicks = []
+    monkeypatch.setattr(tasks.runtime, "get", lambda: runtime)
+    monkeypatch.setattr(tasks, "send_kick", lambda ids: kicks.append(list(ids)))
+    assert tasks.relay.run([1], sent_at=999.0) == {"skipped": 1}  # before it caught up
+    assert fake.drains == 0
+    tasks.relay.run([2], sent_at=1000.5)  # after: drains; cut short, so it kicks itself again
+    assert (fake.drains, kicks) == (1, [[]])
+    tasks.relay.run([3], sent_at=1001.0)
+    assert (fake.drains, kicks) == (2, [[]])

@@ -130,3 +130,22 @@ def test_a_retried_batch_is_encrypted_once_per_attempt_from_the_plaintext():
         plain = box.decrypt(base64.b64decode(wire["ciphertext"]), base64.b64decode(wire["nonce"]))
         assert plain.decode() == event.data
         assert "PHI" not in body["batch"][0]["data"]
+
+
+def test_proxy_and_ca_bundle_settings_are_read_from_the_environment_once(monkeypatch, tmp_path):
+    """Sessions stop consulting the environment per request, but keep honouring it."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    publisher = PusherPublisher(app_id="1", key="k", secret="s", host="api.example", ssl=True)
+    session = publisher.client._pusher_client.http.session
+    assert session.trust_env is False
+    assert session.proxies["https"] == "http://proxy.example:3128"
+    assert session.verify == str(bundle)
+
+    monkeypatch.setenv("NO_PROXY", "api.example")
+    other = PusherPublisher(app_id="1", key="k", secret="s", host="api.example", ssl=True)
+    assert "https" not in other.client._pusher_client.http.session.proxies
