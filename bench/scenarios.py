@@ -420,7 +420,7 @@ def _claim_samples(url: str, samples: int, budget_seconds: float) -> dict[str, A
             if i > 1 and time.monotonic() > deadline:
                 break
             started = time.perf_counter()
-            claim = store.claim(limit=100, lease_seconds=30)
+            claim = store.claim(limit=100, lease_seconds=30).events
             claimed = time.perf_counter()
             store.mark_sent(claim, erase_phi_now=True)
             marked = time.perf_counter()

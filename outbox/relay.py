@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 import threading
 import time
 import zlib
@@ -89,9 +90,10 @@ class RelayReport:
     released: int = 0
     lost_leases: int = 0
     requests: int = 0
-    # The last claim took every claimable row (fewer than it asked for): nothing committed before
-    # it started is left for a kick to deliver.
+    # The last claim took every claimable row (fewer than it asked for, none held by a
+    # concurrent claimer): nothing committed before it started is left for a kick to deliver.
     exhausted: bool = False
+    contended: bool = False  # the last claim passed over rows a concurrent claimer held
     sent_events: list[ClaimedEvent] = field(default_factory=list, repr=False)
 
     def add(self, other: RelayReport) -> None:
@@ -104,7 +106,11 @@ class RelayReport:
         self.lost_leases += other.lost_leases
         self.requests += other.requests
         self.exhausted = other.exhausted
+        self.contended = other.contended
 
+
+# How long a drain pauses before claiming again after a contended, empty claim.
+CONTENTION_PAUSE_SECONDS = (0.002, 0.02)
 
 # Time kept in hand for recording outcomes after the last request of a pass.
 LEASE_MARGIN_SECONDS = 1.0
@@ -215,9 +221,14 @@ class Relay:
         """Claim one batch and deliver it. Returns what happened."""
         claim_started = time.monotonic()  # the lease counts from no later than this
         claim_started_wall = time.time()
-        claimed = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
+        claim = self.store.claim(limit=self.claim_batch_size, lease_seconds=self.lease_seconds)
+        claimed = claim.events
         claimed_at = time.monotonic()
-        report = RelayReport(claimed=len(claimed), exhausted=len(claimed) < self.claim_batch_size)
+        report = RelayReport(
+            claimed=len(claimed),
+            contended=claim.contended,
+            exhausted=len(claimed) < self.claim_batch_size and not claim.contended,
+        )
         if report.exhausted:
             self.caught_up_at = max(self.caught_up_at, claim_started_wall)
         self.observer.claimed(len(claimed))
@@ -325,10 +336,14 @@ class Relay:
         while True:
             report = self.run_once()
             total.add(report)
-            if report.claimed == 0:
-                break
             if time.monotonic() >= deadline:
                 break
+            if report.claimed == 0:
+                if not report.contended:
+                    break
+                # A concurrent claimer holds earlier rows of the keys we would take; it commits
+                # in milliseconds. Claim again shortly rather than leave the rows to a kick.
+                time.sleep(random.uniform(*CONTENTION_PAUSE_SECONDS))
         return total
 
     def sweep(self, *, max_seconds: float = 10.0) -> RelayReport:

@@ -310,7 +310,7 @@ def test_rows_claimed_past_their_ttl_are_expired_without_charging_an_attempt(eng
     [fresh] = enqueue_created(outbox, engine, new_opaque_id("pha"))
     time.sleep(0.2)
     store = Store(engine)
-    claimed = {ev.id: ev for ev in store.claim(limit=10, lease_seconds=30)}
+    claimed = {ev.id: ev for ev in store.claim(limit=10, lease_seconds=30).events}
     assert claimed[late.id].overdue and not claimed[fresh.id].overdue
     assert store.expire([claimed[late.id]]) == 1
     table = rows(engine)
@@ -331,20 +331,42 @@ def test_a_claim_never_overtakes_an_earlier_row_locked_by_a_concurrent_claimer(
     with engine.connect() as other:
         # Another claimer's transaction holds the first row of the busy key, not yet committed.
         other.execute(sa.select(events.c.id).where(events.c.id == busy[0].id).with_for_update())
-        claimed = Store(engine).claim(limit=10, lease_seconds=30)
+        claim = Store(engine).claim(limit=10, lease_seconds=30)
         other.rollback()
-    assert [ev.id for ev in claimed] == [ev.id for ev in idle]
+    assert [ev.id for ev in claim.events] == [ev.id for ev in idle]
+    assert claim.contended  # the busy key's later rows are due: claiming again may find them
     assert {r.status for i, r in rows(engine).items() if i in {ev.id for ev in busy}} == {"pending"}
+
+
+def test_a_drain_that_meets_a_concurrent_claimer_claims_again_instead_of_giving_up(
+    engine, database_url
+):
+    """The lost-wakeup race: another claimer holds the oldest row for a moment, so a claim
+    comes back empty; the drain must not end (and its relay must not count as caught up)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SKIP LOCKED is PostgreSQL's; SQLite claims one writer at a time")
+    outbox = make_outbox()
+    queued = enqueue_created(outbox, engine, new_opaque_id("pha"), n=4)
+    fake = FakePublisher()
+    relay = Relay(store=Store(engine), publisher=fake)
+    with engine.connect() as other:
+        other.execute(sa.select(events.c.id).where(events.c.id == queued[0].id).with_for_update())
+        release = threading.Timer(0.3, other.rollback)
+        release.start()
+        report = relay.drain(max_seconds=5)
+        release.join()
+    assert report.sent == 4 and report.exhausted
+    assert [json.loads(e.data)["id"] for e in fake.published] == [e.event_id for e in queued]
 
 
 def test_a_worker_that_lost_its_lease_cannot_overwrite_the_new_owner(engine):
     outbox = make_outbox()
     [event] = enqueue_created(outbox, engine, new_opaque_id("pha"))
     store = Store(engine)
-    stale = store.claim(limit=10, lease_seconds=0.05)
+    stale = store.claim(limit=10, lease_seconds=0.05).events
     time.sleep(0.2)
     assert store.reclaim_expired_leases() == 1
-    fresh = store.claim(limit=10, lease_seconds=30)
+    fresh = store.claim(limit=10, lease_seconds=30).events
     assert [e.id for e in fresh] == [event.id] and fresh[0].lease_token != stale[0].lease_token
     assert store.mark_sent(stale, erase_phi_now=True) == 0  # the old worker's write is refused
     assert rows(engine)[event.id].status == "in_flight"
@@ -357,7 +379,7 @@ def test_retention_erases_payloads_and_purge_deletes_only_finished_rows(engine):
     sent = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
     pending = enqueue_created(outbox, engine, new_opaque_id("pha"), n=1)
     store = Store(engine)
-    claimed = store.claim(limit=2, lease_seconds=30)
+    claimed = store.claim(limit=2, lease_seconds=30).events
     store.mark_sent(claimed, erase_phi_now=True)
     assert (
         store.erase_payloads(
@@ -421,7 +443,7 @@ def test_the_sweep_delivers_rows_of_a_worker_that_died_mid_batch(engine):
     outbox = make_outbox()
     batch = enqueue_created(outbox, engine, new_opaque_id("pha"), n=4)
     store = Store(engine)
-    died = store.claim(limit=10, lease_seconds=0.1)  # the worker dies before publishing
+    died = store.claim(limit=10, lease_seconds=0.1).events  # the worker dies before publishing
     assert len(died) == 4
     fake = FakePublisher()
     relay = Relay(store=store, publisher=fake)
