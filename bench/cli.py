@@ -110,6 +110,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="offered load of the fixed-rate runs, events/s (default 200)",
     )
     parser.add_argument(
+        "--channels",
+        type=int,
+        default=16,
+        help="channels the events are spread over, each its own ordering key (default 16); "
+        "events of one channel are delivered in order, so channels bound how many relay "
+        "processes can work at once",
+    )
+    parser.add_argument(
         "--backlog-rows",
         type=int,
         help="sent rows in the big-table scenarios "
@@ -182,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         repeat=args.repeat,
         rate=args.rate,
+        rooms=args.channels,
         backlog_rows=args.backlog_rows,
         claim_samples=args.claim_samples,
         claim_budget_seconds=args.claim_budget_seconds,

@@ -166,8 +166,8 @@ def render(result: dict[str, Any]) -> str:
         f"pusher-outbox benchmark: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
         f"{m.get('memory_gib', '?')} GiB, Python {m['python']}; workers={options['workers']} "
         f"processes, repeat={options['repeat']}, events={options['events']}, "
-        f"rate={options['rate']:g} ev/s for {options['duration']:g}s"
-        + (" [quick]" if options["quick"] else "")
+        f"rate={options['rate']:g} ev/s for {options['duration']:g}s, "
+        f"channels={options.get('rooms', 16)}" + (" [quick]" if options["quick"] else "")
     )
     lines.append(
         "Median [min-max] over the repeats. 'saturation': a backlog of --events released at "

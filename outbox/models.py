@@ -36,6 +36,7 @@ IX_FINISHED = "ix_outbox_events_finished"
 IX_PAYLOAD_HELD = "ix_outbox_events_payload_held"
 IX_AUDIT_AT = "ix_outbox_audit_at"
 IX_CHANNEL_SEQ = "ix_outbox_events_channel_seq"
+IX_WAITING = "ix_outbox_events_waiting"
 
 
 class Status(enum.StrEnum):
@@ -124,6 +125,14 @@ events = sa.Table(
     sa.Index(
         IX_DUE,
         "id",
+        postgresql_where=sa.text("status = 'pending'"),
+        sqlite_where=sa.text("status = 'pending'"),
+    ),
+    # Pending rows by due time: the claim finds the few rows waiting for a retry (whose keys
+    # are held back) without reading every pending row.
+    sa.Index(
+        IX_WAITING,
+        "available_at",
         postgresql_where=sa.text("status = 'pending'"),
         sqlite_where=sa.text("status = 'pending'"),
     ),

@@ -35,6 +35,7 @@ _SECRETBOX_MAC_BYTES = 16
 
 _ALPHABET = string.ascii_letters + string.digits
 OPAQUE_RANDOM_LENGTH = 22  # 22 base62 characters: about 131 bits
+_OPAQUE_SPACE = len(_ALPHABET) ** OPAQUE_RANDOM_LENGTH
 _OPAQUE_ID = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{1,11})_(?P<random>[A-Za-z0-9]{16,64})$")
 
 # PHI-shaped text. Deliberately broad: a false positive costs a clear error at development time,
@@ -77,9 +78,14 @@ def new_opaque_id(prefix: str) -> str:
             "e.g. 'ord'"
         )
     while True:
-        candidate = f"{prefix}_" + "".join(
-            secrets.choice(_ALPHABET) for _ in range(OPAQUE_RANDOM_LENGTH)
-        )
+        # One uniform draw below 62**22, written in base 62: the same distribution as 22
+        # independent secrets.choice() calls, at a tenth of the cost (ids are minted per event).
+        number = secrets.randbelow(_OPAQUE_SPACE)
+        digits = []
+        for _ in range(OPAQUE_RANDOM_LENGTH):
+            number, digit = divmod(number, len(_ALPHABET))
+            digits.append(_ALPHABET[digit])
+        candidate = f"{prefix}_" + "".join(digits)
         if _opaque_id_problem(candidate, prefix) is None:
             return candidate
 

@@ -120,13 +120,14 @@ def now_expr(dialect_name: str, offset_seconds: float = 0.0) -> sa.ColumnElement
 def clock(dialect_name: str, offset: str | None = None) -> sa.ColumnElement[Any]:
     """A time in a statement built once and run many times.
 
-    PostgreSQL reads its own clock at execution, plus the ``offset`` parameter in seconds;
-    SQLite takes the host time bound at execution as the ``now`` (or ``offset``) parameter.
-    :func:`clock_params` gives the values.
+    PostgreSQL reads its own clock when the statement starts (``statement_timestamp()``: stable,
+    so a comparison with it can be an index range, which ``clock_timestamp()`` cannot), plus
+    the ``offset`` parameter in seconds; SQLite takes the host time bound at execution as the
+    ``now`` (or ``offset``) parameter. :func:`clock_params` gives the values.
     """
     if dialect_name != "postgresql":
         return sa.bindparam(offset or "now", type_=UTCDateTime())
-    expr: sa.ColumnElement[Any] = sa.func.clock_timestamp()
+    expr: sa.ColumnElement[Any] = sa.func.statement_timestamp()
     if offset:
         seconds = sa.bindparam(offset, type_=sa.Float())
         expr = expr + seconds * sa.literal_column("interval '1 second'")
@@ -416,6 +417,12 @@ class Store:
         statement = self._statement("claim", self._build_claim)
         params = {"limit": limit, "token": token, **self._clock_params(lease_seconds)}
         with self.engine.begin() as conn:
+            if self.is_postgres:
+                # One claimer at a time (as SQLite's BEGIN IMMEDIATE does), held to commit: a
+                # claim then sees every earlier claim committed. Concurrent claimers used to lock
+                # rows for each other (SKIP LOCKED) and hold locks on rows another relay was
+                # marking sent, stalling it for the length of their scan.
+                conn.execute(self._statement("claim lock", _claim_lock))
             fetched = conn.execute(statement, params).all()
         rows = [r for r in fetched if r.id is not None]
         result = [
@@ -444,17 +451,33 @@ class Store:
 
     def _build_claim(self) -> Any:
         e = events
-        b = events.alias("earlier")
         now = self._clock()
-        unblocked = self._none_open_before(
-            b,
-            e.c.ordering_key,
-            e.c.id,
-            sa.or_(_is(b.c.status, Status.IN_FLIGHT), b.c.available_at > now),
+        # The rows that hold their key back: leased ones and pending ones waiting for a retry.
+        # Both sets are small and each has its own partial index, so finding them never reads
+        # the backlog; a pending row is claimable when it is older than its key's first holder.
+        f, w = events.alias("leased"), events.alias("waiting")
+        holders = sa.union_all(
+            sa.select(f.c.ordering_key, f.c.id).where(_is(f.c.status, Status.IN_FLIGHT)),
+            sa.select(w.c.ordering_key, w.c.id).where(
+                _is(w.c.status, Status.PENDING), w.c.available_at > now
+            ),
+        ).subquery("holders")
+        held = (
+            sa.select(
+                holders.c.ordering_key.label("ordering_key"),
+                sa.func.min(holders.c.id).label("first_id"),
+            )
+            .group_by(holders.c.ordering_key)
+            .cte("held")
         )
         candidates = (
             sa.select(e.c.id, e.c.ordering_key)
-            .where(_is(e.c.status, Status.PENDING), e.c.available_at <= now, unblocked)
+            .select_from(e.outerjoin(held, held.c.ordering_key == e.c.ordering_key))
+            .where(
+                _is(e.c.status, Status.PENDING),
+                e.c.available_at <= now,
+                sa.or_(held.c.first_id.is_(None), e.c.id < held.c.first_id),
+            )
             .order_by(e.c.id)
             .limit(sa.bindparam("limit", type_=sa.Integer()))
         )
@@ -1078,6 +1101,14 @@ def _percentile(sorted_values: Sequence[float], fraction: float) -> float | None
         return None
     rank = max(int(-(-fraction * len(sorted_values) // 1)) - 1, 0)
     return sorted_values[min(rank, len(sorted_values) - 1)]
+
+
+# pg_advisory_xact_lock key serializing claims on one database ("outbox" in ASCII).
+CLAIM_LOCK_KEY = 0x6F7574626F78
+
+
+def _claim_lock() -> Any:
+    return sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY))
 
 
 def _group_by_token(claimed: Sequence[ClaimedEvent]) -> dict[str, list[int]]:
