@@ -109,8 +109,10 @@ class RelayReport:
         self.contended = other.contended
 
 
-# How long a drain pauses before claiming again after a contended, empty claim.
+# How long a drain pauses before claiming again after a contended, empty claim, and for how
+# long in all it keeps trying.
 CONTENTION_PAUSE_SECONDS = (0.002, 0.02)
+CONTENTION_BUDGET_SECONDS = 0.5
 
 # Time kept in hand for recording outcomes after the last request of a pass.
 LEASE_MARGIN_SECONDS = 1.0
@@ -230,7 +232,8 @@ class Relay:
             exhausted=len(claimed) < self.claim_batch_size and not claim.contended,
         )
         if report.exhausted:
-            self.caught_up_at = max(self.caught_up_at, claim_started_wall)
+            # Assigned, not max(): a wall clock stepped back must not leave it in the future.
+            self.caught_up_at = claim_started_wall
         self.observer.claimed(len(claimed))
         if not claimed:
             return report
@@ -333,17 +336,30 @@ class Relay:
         """Run passes until nothing is due or ``max_seconds`` have passed."""
         deadline = time.monotonic() + max_seconds
         total = RelayReport()
+        contended_since: float | None = None
         while True:
             report = self.run_once()
             total.add(report)
-            if time.monotonic() >= deadline:
-                break
-            if report.claimed == 0:
-                if not report.contended:
+            if report.claimed == 0 and report.contended:
+                # Another transaction holds earlier rows of the keys we would take (claims are
+                # serialized, so an operator's update or a stuck session): claim again shortly,
+                # a bounded number of times, then leave the rows to the sweep rather than spin.
+                now = time.monotonic()
+                contended_since = now if contended_since is None else contended_since
+                if now - contended_since >= CONTENTION_BUDGET_SECONDS or now >= deadline:
+                    total.exhausted = True  # nothing a new kick could do sooner than the sweep
                     break
-                # A concurrent claimer holds earlier rows of the keys we would take; it commits
-                # in milliseconds. Claim again shortly rather than leave the rows to a kick.
                 time.sleep(random.uniform(*CONTENTION_PAUSE_SECONDS))
+                continue
+            contended_since = None
+            if report.claimed == 0:
+                break
+            if time.monotonic() >= deadline:
+                # Rows were published since the last claim that came back short, and the rows
+                # of their keys committed meanwhile are held back for this relay's next claim:
+                # that claim is now owed to a new task.
+                total.exhausted = False
+                break
         return total
 
     def sweep(self, *, max_seconds: float = 10.0) -> RelayReport:

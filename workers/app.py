@@ -67,11 +67,13 @@ def celery_config(settings: Settings, *, producer: bool = True) -> dict[str, Any
     if settings.broker_url.startswith("filesystem://"):
         folder = Path(settings.broker_dir)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         config["broker_transport"] = "workers.broker:Transport"
         config["broker_transport_options"] = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": 0.05,
         }

@@ -33,8 +33,18 @@ def _drain(rt: runtime.Runtime) -> Any:
     if not report.exhausted:
         # The drain ran out of time with rows still due: carry on in a new task (other tasks
         # queued meanwhile get their turn) rather than leave them to the sweep.
-        send_kick(())
+        _kick_again()
     return report
+
+
+def _kick_again() -> None:
+    try:
+        send_kick(())
+    except Exception as exc:  # noqa: BLE001 - the sweep delivers; the task's work is done
+        logger.warning(
+            "outbox could not queue the follow-up relay task; the sweep will deliver the rows",
+            extra={"error_class": type(exc).__name__},
+        )
 
 
 @app.task(name=RELAY_TASK, ignore_result=True)
@@ -58,14 +68,14 @@ def sweep() -> dict[str, int]:
     rt = runtime.get()
     settings = rt.settings
     report = rt.relay.sweep(max_seconds=settings.drain_seconds)
-    if not report.exhausted:
-        send_kick(())  # more is due than one drain delivers: carry on in a relay task
     erased = rt.store.erase_payloads(
         phi_retention_seconds=settings.phi_retention_seconds,
         payload_retention_seconds=settings.payload_retention_seconds,
         dead_retention_seconds=settings.dead_retention_seconds,
     )
     purged = rt.store.purge(older_than_seconds=settings.row_retention_seconds)
+    if not report.exhausted:
+        _kick_again()  # more is due than one drain delivers: carry on in a relay task
     counts = _counts(report)
     counts.update(erased=erased, purged=purged)
     return counts
@@ -124,11 +134,15 @@ class KickCoalescer:
                 return
             now = time.monotonic()
             if now - self._last_sent < self.window:
-                self._waiting = ids[:KICK_HINT_LIMIT]
                 timer = threading.Timer(self._last_sent + self.window - now, self._flush)
                 timer.daemon = True
-                timer.start()
-                return
+                try:
+                    timer.start()  # it waits for this lock before reading _waiting
+                except RuntimeError:
+                    pass  # no thread to spare: send this kick now rather than wedge the rest
+                else:
+                    self._waiting = ids[:KICK_HINT_LIMIT]
+                    return
             self._last_sent = now
         self.send(ids)  # a failure reaches the caller (the after-commit hook logs it)
 
@@ -160,7 +174,13 @@ def _reset_coalescer() -> None:
     _coalescer, _coalescer_lock = None, threading.Lock()
 
 
+def _flush_at_exit() -> None:
+    if _coalescer is not None:  # a forked child starts with none: never the parent's kicks
+        _coalescer.flush()
+
+
 os.register_at_fork(after_in_child=_reset_coalescer)
+atexit.register(_flush_at_exit)
 
 
 def kick(row_ids: Sequence[int]) -> None:
@@ -174,6 +194,5 @@ def kick(row_ids: Sequence[int]) -> None:
         with _coalescer_lock:
             if _coalescer is None:
                 _coalescer = KickCoalescer(load_settings().kick_coalesce_seconds, send_kick)
-                atexit.register(_coalescer.flush)
             coalescer = _coalescer
     coalescer(row_ids)

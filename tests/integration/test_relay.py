@@ -560,3 +560,44 @@ def test_the_relay_task_skips_kicks_sent_before_it_caught_up_and_carries_on_when
     assert (fake.drains, kicks) == (1, [[]])
     tasks.relay.run([3], sent_at=1001.0)
     assert (fake.drains, kicks) == (2, [[]])
+
+
+def test_a_drain_cut_short_after_publishing_owes_its_keys_another_claim(engine):
+    """Rows of a key committed while its row was in flight are held back for this relay's next
+    claim; a drain stopped by its deadline must say so (the task then kicks again)."""
+    outbox = make_outbox()
+    enqueue_created(outbox, engine, new_opaque_id("pha"), n=1)
+    relay = Relay(store=Store(engine), publisher=FakePublisher(), claim_batch_size=100)
+    report = relay.drain(max_seconds=0)
+    assert report.sent == 1 and not report.exhausted
+
+
+def test_a_drain_stops_retrying_a_claim_held_up_by_a_stuck_transaction(engine, database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SKIP LOCKED is PostgreSQL's; SQLite claims one writer at a time")
+    from outbox import relay as relay_module
+
+    outbox = make_outbox()
+    queued = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
+    store = Store(engine)
+    claims = []
+    real_claim = store.claim
+
+    def counting_claim(**kw):
+        claims.append(1)
+        return real_claim(**kw)
+
+    store.claim = counting_claim
+    relay = Relay(store=store, publisher=FakePublisher())
+    with engine.connect() as other:
+        other.execute(sa.select(events.c.id).where(events.c.id == queued[0].id).with_for_update())
+        started = time.monotonic()
+        report = relay.drain(max_seconds=10)
+        other.rollback()
+    took = time.monotonic() - started
+    assert (
+        relay_module.CONTENTION_BUDGET_SECONDS <= took < relay_module.CONTENTION_BUDGET_SECONDS + 1
+    )
+    assert 5 < len(claims) < 1000
+    assert report.exhausted and report.sent == 0  # left to the sweep: no self-kick loop
+    assert relay.caught_up_at == 0.0  # and kicks are not skipped on its account

@@ -90,3 +90,65 @@ def test_window_zero_sends_every_kick_and_flush_sends_a_waiting_one():
     kick([2])
     kick.flush()  # at exit: the merged kick is not lost with the process
     assert [ids for _, ids in waiting.sent] == [[1], [2]]
+
+
+def test_a_timer_that_cannot_start_sends_the_kick_at_once_and_keeps_working(monkeypatch):
+    sender = Sender()
+    kick = KickCoalescer(0.05, sender)
+    kick([1])
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Timer, "start", no_thread)
+    kick([2])  # within the window, but no timer: sent now instead of wedging the coalescer
+    monkeypatch.undo()
+    time.sleep(0.06)
+    kick([3])
+    assert [ids for _, ids in sender.sent] == [[1], [2], [3]]
+
+
+def test_the_sweep_erases_and_purges_even_when_its_follow_up_kick_fails(monkeypatch):
+    from workers import tasks
+
+    calls = []
+    store = type(
+        "Store",
+        (),
+        {
+            "erase_payloads": lambda self, **kw: calls.append("erase") or 0,
+            "purge": lambda self, **kw: calls.append("purge") or 0,
+        },
+    )()
+    report = type(
+        "Report",
+        (),
+        {
+            "exhausted": False,
+            **dict.fromkeys(("claimed", "sent", "retried", "dead", "expired", "released"), 0),
+        },
+    )()
+    relay = type("Relay", (), {"sweep": lambda self, **kw: report})()
+    settings = type(
+        "Settings",
+        (),
+        dict.fromkeys(
+            (
+                "drain_seconds",
+                "phi_retention_seconds",
+                "payload_retention_seconds",
+                "dead_retention_seconds",
+                "row_retention_seconds",
+            ),
+            1.0,
+        ),
+    )
+    runtime = type("Runtime", (), {"relay": relay, "store": store, "settings": settings})
+
+    def broker_down(ids):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(tasks.runtime, "get", lambda: runtime)
+    monkeypatch.setattr(tasks, "send_kick", broker_down)
+    assert tasks.sweep.run()["erased"] == 0
+    assert calls == ["erase", "purge"]
