@@ -204,7 +204,12 @@ def test_celery_messages_carry_only_row_ids(engine, deployment, app_side, redis_
                 ]
                 session.commit()
             transactions.append([row.id for row in rows])
-        # no worker runs yet: the kicks wait in the queue's Redis list
+        # no worker runs yet: the kicks wait in the queue's Redis list. The second commit
+        # followed the first within OUTBOX_KICK_COALESCE_SECONDS, so its kick leaves when that
+        # window closes (milliseconds later), still carrying only its own row ids.
+        deadline = time.monotonic() + 5
+        while client.llen(QUEUE) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         raw_messages = client.lrange(QUEUE, 0, -1)
     finally:
         client.close()
