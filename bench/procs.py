@@ -10,38 +10,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from outbox.testing.soketi import parent_death_signal
+
 STOP_TIMEOUT_SECONDS = 5.0
 
 _running: dict[int, subprocess.Popen[bytes]] = {}
 _lock = threading.Lock()
-
-
-def _parent_death_hook(parent_pid: int) -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGTERM the child when the benchmark process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def hook() -> None:
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return hook
 
 
 def spawn(
@@ -64,7 +47,7 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_parent_death_hook(os.getpid()),
+            preexec_fn=parent_death_signal(os.getpid()),
         )
     finally:
         log.close()  # the child holds its own descriptor

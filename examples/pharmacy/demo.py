@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
 import os
 import random
 import shutil
@@ -49,7 +48,7 @@ from sqlalchemy.engine import Engine
 from examples.pharmacy import db
 from examples.pharmacy.notifications import ORDER_CREATED, ORDER_DETAILS
 from outbox.store import Store, create_engine
-from outbox.testing.soketi import Soketi, SoketiError, find_free_port
+from outbox.testing.soketi import Soketi, SoketiError, find_free_port, parent_death_signal
 from outbox.testing.subscriber import Subscriber, SubscriptionError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,24 +95,6 @@ def say(message: str) -> None:
 # --- subprocesses ------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook: the kernel SIGTERMs the child if the demo is killed (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    parent = os.getpid()
-
-    def hook() -> None:
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
-
-
 @dataclass
 class Process:
     name: str
@@ -154,7 +135,7 @@ class Processes:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),  # started from the main thread
+                preexec_fn=parent_death_signal(os.getpid()),  # started from the main thread
             )
         except BaseException:
             log_file.close()

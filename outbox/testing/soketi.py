@@ -340,7 +340,7 @@ class Soketi:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_parent_death_signal(os.getpid()) if self.die_with_parent else None,
+            preexec_fn=parent_death_signal(os.getpid()) if self.die_with_parent else None,
         )
         with _running_lock:
             _running.add(self)
@@ -398,12 +398,13 @@ class _PortTakenError(Exception):
     pass
 
 
-def _parent_death_signal(parent_pid: int) -> Callable[[], None] | None:
+def parent_death_signal(parent_pid: int) -> Callable[[], None] | None:
     """On Linux, a pre-exec hook asking the kernel to SIGTERM the child when we die.
 
     atexit does not run when the test runner is killed (CI timeout, SIGKILL); this does. The
-    kernel ties it to the thread that spawned the child: start soketi from a long-lived
-    thread (normally the main one).
+    kernel ties it to the thread that spawned the child: start children from a long-lived
+    thread (normally the main one). Every subprocess the kit, the benchmark, the acceptance
+    tests and the demo start uses this hook.
     """
     if not sys.platform.startswith("linux"):
         return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -25,12 +24,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
 import redis
+
+from outbox.testing.soketi import parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_SECONDS = 30.0
@@ -150,7 +151,7 @@ class CeleryProcess:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=parent_death_signal(os.getpid()),
             )
             _running.add(self)
         return self
@@ -349,23 +350,6 @@ def relay_worker(
         yield relay
     finally:
         relay.stop()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """Linux: SIGTERM the child when the test runner dies (atexit does not run on SIGKILL)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def hook() -> None:
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return hook
 
 
 # -- this process as a producer ------------------------------------------------------------------
