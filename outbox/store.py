@@ -482,17 +482,31 @@ class Store:
             .limit(sa.bindparam("limit", type_=sa.Integer()))
         )
         if self.is_postgres:
-            # SKIP LOCKED passes over rows a concurrent claimer is leasing right now; a later row
-            # of the same key must then wait, or two workers would publish one key out of order:
-            # keep only candidates whose every earlier open row is a candidate too.
+            # SKIP LOCKED passes over rows another transaction holds (claims are serialized, but
+            # an operator's redrive or expiry is not); a later row of the same key must then
+            # wait, or it would be published before the held one: keep only candidates whose
+            # every earlier open row is a candidate too.
             locked = candidates.with_for_update(skip_locked=True, of=e).cte("candidates")
             o = events.alias("open_earlier")
-            in_order = self._none_open_before(
-                o,
-                locked.c.ordering_key,
-                locked.c.id,
-                o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
+            # The first earlier open row that is not a candidate, found with min(id) over the
+            # (ordering_key, id) index of open rows with a row-value bound: with a plain
+            # ``NOT EXISTS … id < id`` and statistics gathered while every row was pending, the
+            # planner scanned the primary key, or the whole table on a small one, per candidate.
+            first_outside = (
+                sa.select(sa.func.min(o.c.id))
+                .where(
+                    o.c.ordering_key == locked.c.ordering_key,
+                    sa.tuple_(o.c.ordering_key, o.c.id)
+                    < sa.tuple_(locked.c.ordering_key, locked.c.id),
+                    _in(o.c.status, OPEN_STATUSES),
+                    o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
+                )
+                .scalar_subquery()
             )
+            # ``coalesce(first, id) >= id`` is ``first IS NULL`` (any match is below ``id``) in a
+            # form the planner estimates as an ordinary inequality (``IS NULL`` on a subquery is
+            # estimated to keep almost no rows).
+            in_order = sa.func.coalesce(first_outside, locked.c.id) >= locked.c.id
             chosen: sa.Select[Any] = sa.select(locked.c.id).where(in_order)
         else:
             chosen = candidates.with_only_columns(e.c.id)  # BEGIN IMMEDIATE: one claimer at a time
@@ -516,47 +530,6 @@ class Store:
         return sa.select(*claimed.c).select_from(
             locked.outerjoin(claimed, claimed.c.id == locked.c.id)
         )
-
-    def _none_open_before(
-        self,
-        other: Any,
-        key: sa.ColumnElement[Any],
-        row_id: sa.ColumnElement[Any],
-        condition: sa.ColumnElement[bool],
-    ) -> sa.ColumnElement[bool]:
-        """No open row of ``key`` older than ``row_id`` (in the ``other`` alias) meets
-        ``condition``: a test that only the (ordering_key, id) index of open rows serves well.
-
-        PostgreSQL is asked whether ``min(id)`` is NULL, with a row-value bound ``(key, id) < (key,
-        id)``, not ``NOT EXISTS`` with ``id < id``: with statistics gathered while every row was
-        pending (a fresh table, or a burst), the planner scanned the primary key, or the whole
-        table on a small one, for every candidate (25 to 75 ms per claim of 100 instead of 2 to
-        7). ``min`` lets it walk the index from the key's first row and stop at the first match;
-        a full scan would have to read everything, so it is never chosen. SQLite plans
-        ``NOT EXISTS`` with ``id < id`` well, and cannot use a row value for an index range.
-        """
-        open_row = _in(other.c.status, OPEN_STATUSES)
-        if not self.is_postgres:
-            return ~(
-                sa.select(sa.literal(1))
-                .where(other.c.ordering_key == key, other.c.id < row_id, open_row, condition)
-                .exists()
-            )
-        first = (
-            sa.select(sa.func.min(other.c.id))
-            .where(
-                other.c.ordering_key == key,
-                sa.tuple_(other.c.ordering_key, other.c.id) < sa.tuple_(key, row_id),
-                open_row,
-                condition,
-            )
-            .scalar_subquery()
-        )
-        # ``coalesce(first, id) >= id`` is ``first IS NULL`` (any match is below ``id``), in a
-        # form the planner estimates as an ordinary inequality: ``IS NULL`` on a subquery is
-        # estimated to keep almost no rows, and the planner then sorted the whole table
-        # instead of walking the due index up to the LIMIT.
-        return sa.func.coalesce(first, row_id) >= row_id
 
     def _mark_expired(self, conn: Connection, ids: Sequence[int]) -> int:
         e = events
