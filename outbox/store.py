@@ -163,15 +163,16 @@ def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
-# Statements of the enqueue path, built once per shape (dialect, columns, TTL, dedup): building
-# a statement costs more than the database takes to run it.
-_ENQUEUE_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+# The hot statements (enqueue, claim, lease-guarded writes), built once per shape: building a
+# statement and its cache key cost more Python time than the database took to run it. Keys name
+# the statement and everything its shape depends on, the dialect always included.
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
 
 
 def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
-    statement = _ENQUEUE_STATEMENTS.get(key)
+    statement = _STATEMENTS.get(key)
     if statement is None:
-        statement = _ENQUEUE_STATEMENTS[key] = build()
+        statement = _STATEMENTS[key] = build()
     return statement
 
 
@@ -365,9 +366,6 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
-        # The relay's hot statements, built once: building and caching-keying a statement with
-        # two aliases of the table cost more Python time than the database spent running it.
-        self._statements: dict[str, Any] = {}
 
     # --- time ----------------------------------------------------------------------------
 
@@ -381,10 +379,8 @@ class Store:
         return clock_params(self.engine.dialect.name, lease_seconds=lease_seconds)
 
     def _statement(self, key: str, build: Callable[[], Any]) -> Any:
-        statement = self._statements.get(key)
-        if statement is None:
-            statement = self._statements[key] = build()
-        return statement
+        """The statement ``key`` for this store's dialect, built once (see :func:`_cached`)."""
+        return _cached((key, self.engine.dialect.name), build)
 
     def _read(self) -> contextlib.AbstractContextManager[Connection]:
         return read_connection(self.engine)
