@@ -335,6 +335,7 @@ class ClaimResult:
 
     events: list[ClaimedEvent]
     contended: bool = False
+    token: str = ""  # the lease token of these rows
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,9 @@ class Store:
 
     # --- claim ---------------------------------------------------------------------------
 
-    def claim(self, *, limit: int, lease_seconds: float) -> ClaimResult:
+    def claim(
+        self, *, limit: int, lease_seconds: float, following: str | None = None
+    ) -> ClaimResult:
         """Lease up to ``limit`` due rows, oldest first, keeping per-key order.
 
         A row is claimable when it is pending and due, and no earlier row of its ordering key is
@@ -408,10 +411,20 @@ class Store:
         a concurrent claimer: such a claim is ``contended``. Two claimers can hold each other's
         earlier rows for a moment and both come back empty; neither may conclude that nothing is
         due.
+
+        ``following`` is the lease token of the caller's own previous claim, still being
+        published: its rows do not hold their keys back, so the caller can claim the next rows of
+        those keys while it publishes (it publishes them only after the earlier ones were sent,
+        and releases them if an earlier one failed). The new rows get a lease of their own.
         """
         token = str(uuid.uuid4())
         statement = self._statement("claim", self._build_claim)
-        params = {"limit": limit, "token": token, **self._clock_params(lease_seconds)}
+        params = {
+            "limit": limit,
+            "token": token,
+            "following": following or "",
+            **self._clock_params(lease_seconds),
+        }
         with self.engine.begin() as conn:
             if self.is_postgres:
                 # One claimer at a time (as SQLite's BEGIN IMMEDIATE does), held to commit: a
@@ -443,17 +456,21 @@ class Store:
             for r in rows
         ]
         result.sort(key=lambda ev: ev.id)
-        return ClaimResult(result, contended=len(rows) < len(fetched))
+        return ClaimResult(result, contended=len(rows) < len(fetched), token=token)
 
     def _build_claim(self) -> Any:
         e = events
         now = self._clock()
-        # The rows that hold their key back: leased ones and pending ones waiting for a retry.
-        # Both sets are small and each has its own partial index, so finding them never reads
-        # the backlog; a pending row is claimable when it is older than its key's first holder.
+        # The rows that hold their key back: leased ones (except the caller's own previous
+        # claim, see ``following``) and pending ones waiting for a retry. Both sets are small
+        # and each has its own partial index, so finding them never reads the backlog; a
+        # pending row is claimable when it is older than its key's first holder.
+        following = sa.bindparam("following", type_=sa.String())
         f, w = events.alias("leased"), events.alias("waiting")
         holders = sa.union_all(
-            sa.select(f.c.ordering_key, f.c.id).where(_is(f.c.status, Status.IN_FLIGHT)),
+            sa.select(f.c.ordering_key, f.c.id).where(
+                _is(f.c.status, Status.IN_FLIGHT), f.c.lease_token != following
+            ),
             sa.select(w.c.ordering_key, w.c.id).where(
                 _is(w.c.status, Status.PENDING), w.c.available_at > now
             ),
@@ -495,6 +512,7 @@ class Store:
                     sa.tuple_(o.c.ordering_key, o.c.id)
                     < sa.tuple_(locked.c.ordering_key, locked.c.id),
                     _in(o.c.status, OPEN_STATUSES),
+                    sa.or_(o.c.lease_token.is_(None), o.c.lease_token != following),
                     o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
                 )
                 .scalar_subquery()
