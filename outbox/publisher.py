@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,9 @@ from typing import Any, Protocol
 
 import pusher
 import requests
+import urllib3
 from pusher import crypto
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
 from outbox.errors import PermanentPublishError, PublishError, TransientPublishError
 from outbox.policy import ENCRYPTED_PREFIX
@@ -154,9 +155,27 @@ def _retry_after_seconds(headers: Any) -> float | None:
 
 
 def translate_exception(exc: BaseException) -> PublishError:
-    """Map an exception from ``requests`` or the SDK to a payload-free PublishError."""
+    """Map an exception from the HTTP client or the SDK to a payload-free PublishError."""
     if isinstance(exc, PublishError):
         return exc
+    # urllib3 (what the relay's backend sends with). NewConnectionError is a subclass of
+    # ConnectTimeoutError: a refused or unresolvable host is "could not reach", not a timeout.
+    if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ProxyError):
+        return TransientPublishError("connection error: could not reach Pusher")
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return TransientPublishError("timeout: could not connect to Pusher in time; will retry")
+    if isinstance(exc, urllib3.exceptions.TimeoutError):
+        return TransientPublishError(
+            "timeout: Pusher did not answer in time; delivery unknown, will retry"
+        )
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return TransientPublishError("TLS error: could not establish a secure connection to Pusher")
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return TransientPublishError(
+            "connection error: the connection to Pusher broke; delivery unknown, will retry"
+        )
+    if isinstance(exc, urllib3.exceptions.HTTPError):
+        return TransientPublishError(f"HTTP client error ({type(exc).__name__})")
     if isinstance(exc, requests.Timeout):
         return TransientPublishError(
             "timeout: Pusher did not answer in time; delivery unknown, will retry"
@@ -189,54 +208,75 @@ def _leading_status(text: str) -> int:
     return int(head) if head.isdigit() else 500
 
 
+# Connections kept per host: one per publishing lane is enough; more lanes than this open
+# extra connections and close them after use instead of waiting for a free one.
+POOL_CONNECTIONS = 16
+
+
 class _Backend:
     """An HTTP backend for the SDK that reads status, body and headers.
 
-    One ``requests.Session`` per thread, so connections are reused where the server allows it and
-    concurrent publishing threads never share one. The environment (``HTTPS_PROXY``,
-    ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``) is read once per session, not on every request:
-    ``requests`` otherwise looks up proxies, netrc and CA bundle paths per request, which cost
-    about 10% of a publish in the benchmark's profiles.
+    The SDK builds and signs every request (right before it is sent); this backend sends it with
+    ``urllib3``: one thread-safe connection pool per publisher, connections reused where the
+    server allows it, no redirects, no automatic retries (the relay decides), and every error
+    translated into a payload-free :class:`PublishError`. ``urllib3`` rather than ``requests``
+    (the SDK's default): ``requests`` costs about as much CPU per request again as everything
+    else the relay does to publish it (0.76 vs 0.41 ms per request of 10 encrypted events,
+    measured against soketi), and it is the relay's hottest path.
+
+    The environment is honoured as ``requests`` reads it (``HTTPS_PROXY``/``HTTP_PROXY``,
+    ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``, else certifi's bundle), once, when the
+    publisher is built.
     """
 
     def __init__(self, client: Any, **options: Any) -> None:
         self.client = client
-        self.options = options
-        self._local = threading.local()
-
-    @property
-    def session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            scheme = "https" if self.client.ssl else "http"
-            url = f"{scheme}://{self.client.host}:{self.client.port}/"
-            environment = session.merge_environment_settings(url, {}, None, None, None)
-            session.trust_env = False
-            session.proxies.update(environment.get("proxies") or {})
-            session.verify = environment.get("verify", True)
-            if environment.get("cert"):
-                session.cert = environment["cert"]
-            self._local.session = session
-        return session
+        scheme = "https" if client.ssl else "http"
+        url = f"{scheme}://{client.host}:{client.port}/"
+        environment = requests.Session().merge_environment_settings(url, {}, None, None, None)
+        self.proxy: str | None = (environment.get("proxies") or {}).get(scheme)
+        verify = environment.get("verify", True)
+        self.ca_certs: str | None = None
+        tls: dict[str, Any] = {}
+        if client.ssl:
+            if verify is False:
+                tls["cert_reqs"] = "CERT_NONE"
+            else:
+                self.ca_certs = verify if isinstance(verify, str) else DEFAULT_CA_BUNDLE_PATH
+                tls.update(cert_reqs="CERT_REQUIRED", ca_certs=self.ca_certs)
+        timeout = urllib3.Timeout(connect=client.timeout, read=client.timeout)
+        common: dict[str, Any] = {
+            "num_pools": 4,
+            "maxsize": POOL_CONNECTIONS,
+            "block": False,
+            "retries": False,
+            "timeout": timeout,
+            **tls,
+            **options,
+        }
+        self.pool: Any = (
+            urllib3.ProxyManager(self.proxy, **common)
+            if self.proxy
+            else urllib3.PoolManager(**common)
+        )
 
     def send_request(self, request: Any) -> Any:
         try:
-            response = self.session.request(
+            response = self.pool.request(
                 request.method,
                 request.url,
+                body=request.body,
                 headers=request.headers,
-                data=request.body,
-                timeout=self.client.timeout,
-                **self.options,
+                redirect=False,
             )
-        except requests.RequestException as exc:
+        except urllib3.exceptions.HTTPError as exc:
             raise translate_exception(exc) from None
-        error = classify(response.status_code, response.text, response.headers)
+        text = response.data.decode("utf-8", errors="replace")
+        error = classify(response.status, text, response.headers)
         if error is not None:
             raise error
         try:
-            return json.loads(response.text) if response.text else {}
+            return json.loads(text) if text else {}
         except ValueError:
             return {}
 

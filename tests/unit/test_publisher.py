@@ -5,6 +5,7 @@ import json
 import pusher
 import pytest
 import requests
+import urllib3
 
 from outbox.errors import PermanentPublishError, TransientPublishError
 from outbox.publisher import OutgoingEvent, PusherPublisher, classify, translate_exception
@@ -60,6 +61,17 @@ def test_every_answer_maps_to_one_outcome(status, body, headers, expected, retry
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
+        (urllib3.exceptions.NewConnectionError(None, "refused CANARY"), TransientPublishError),
+        (urllib3.exceptions.NameResolutionError("h", None, "CANARY"), TransientPublishError),
+        (urllib3.exceptions.ConnectTimeoutError("x?auth_signature=s"), TransientPublishError),
+        (
+            urllib3.exceptions.ReadTimeoutError(None, "x?auth_signature=s", "CANARY"),
+            TransientPublishError,
+        ),
+        (urllib3.exceptions.ProtocolError("reset CANARY"), TransientPublishError),
+        (urllib3.exceptions.SSLError("CANARY"), TransientPublishError),
+        (urllib3.exceptions.ProxyError("CANARY", None), TransientPublishError),
+        (urllib3.exceptions.DecodeError("CANARY"), TransientPublishError),
         (requests.ConnectTimeout("https://x?auth_signature=s"), TransientPublishError),
         (requests.ReadTimeout("x"), TransientPublishError),
         (requests.ConnectionError("x"), TransientPublishError),
@@ -86,18 +98,17 @@ def test_retry_after_as_http_date_is_understood():
     assert error.retry_after_seconds == 0.0
 
 
-class RecordingSession:
+class RecordingPool:
+    """Stands in for the backend's urllib3 pool: records bodies, answers from a script."""
+
     def __init__(self, responses):
         self.responses = list(responses)
         self.bodies = []
 
-    def request(self, method, url, headers=None, data=None, timeout=None, **kw):
-        self.bodies.append(json.loads(data))
+    def request(self, method, url, body=None, headers=None, **kw):
+        self.bodies.append(json.loads(body))
         status, text = self.responses.pop(0)
-        response = requests.Response()
-        response.status_code = status
-        response._content = text.encode()
-        return response
+        return urllib3.HTTPResponse(body=text.encode(), status=status, preload_content=True)
 
 
 def test_a_retried_batch_is_encrypted_once_per_attempt_from_the_plaintext():
@@ -116,8 +127,8 @@ def test_a_retried_batch_is_encrypted_once_per_attempt_from_the_plaintext():
         ssl=False,
         encryption_master_key=key,
     )
-    session = RecordingSession([(500, ""), (200, "{}")])
-    publisher.client._pusher_client.http._local.session = session
+    session = RecordingPool([(500, ""), (200, "{}")])
+    publisher.client._pusher_client.http.pool = session
     event = OutgoingEvent("private-encrypted-x", "e", '{"id":"evt_1","data":{"a":"PHI"}}')
     with pytest.raises(TransientPublishError):
         publisher.publish_batch([event])
@@ -133,7 +144,7 @@ def test_a_retried_batch_is_encrypted_once_per_attempt_from_the_plaintext():
 
 
 def test_proxy_and_ca_bundle_settings_are_read_from_the_environment_once(monkeypatch, tmp_path):
-    """Sessions stop consulting the environment per request, but keep honouring it."""
+    """The backend reads the environment as requests does, once, when the publisher is built."""
     bundle = tmp_path / "ca.pem"
     bundle.write_text("")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
@@ -141,11 +152,28 @@ def test_proxy_and_ca_bundle_settings_are_read_from_the_environment_once(monkeyp
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     publisher = PusherPublisher(app_id="1", key="k", secret="s", host="api.example", ssl=True)
-    session = publisher.client._pusher_client.http.session
-    assert session.trust_env is False
-    assert session.proxies["https"] == "http://proxy.example:3128"
-    assert session.verify == str(bundle)
+    backend = publisher.client._pusher_client.http
+    assert backend.proxy == "http://proxy.example:3128"
+    assert isinstance(backend.pool, urllib3.ProxyManager)
+    assert backend.ca_certs == str(bundle)
+    assert backend.pool.connection_pool_kw["ca_certs"] == str(bundle)
+    assert backend.pool.connection_pool_kw["cert_reqs"] == "CERT_REQUIRED"
 
     monkeypatch.setenv("NO_PROXY", "api.example")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     other = PusherPublisher(app_id="1", key="k", secret="s", host="api.example", ssl=True)
-    assert "https" not in other.client._pusher_client.http.session.proxies
+    backend = other.client._pusher_client.http
+    assert backend.proxy is None and not isinstance(backend.pool, urllib3.ProxyManager)
+    assert backend.ca_certs == requests.utils.DEFAULT_CA_BUNDLE_PATH  # certifi, as requests
+
+
+def test_the_backend_never_retries_or_follows_redirects_itself(monkeypatch):
+    """The relay decides about retries: a refused connection comes back at once, classified."""
+    publisher = PusherPublisher(
+        app_id="1", key="k", secret="s", host="127.0.0.1", port=9, ssl=False
+    )
+    backend = publisher.client._pusher_client.http
+    assert backend.pool.connection_pool_kw["retries"].total is False
+    with pytest.raises(TransientPublishError, match="could not reach Pusher"):
+        publisher.publish_batch([OutgoingEvent("c", "e", "{}")])
