@@ -27,7 +27,7 @@ from typing import Protocol
 from outbox.errors import ConfigurationError, PermanentPublishError, PublishError
 from outbox.publisher import MAX_BATCH_EVENTS, OutgoingEvent, Publisher
 from outbox.retry import RetryPolicy
-from outbox.store import ClaimedEvent, Failure, Store, utcnow
+from outbox.store import ClaimedEvent, Failure, Store, new_claimer_id, utcnow
 
 logger = logging.getLogger("outbox.relay")
 
@@ -229,6 +229,8 @@ class Relay:
         # committed before it was claimed then or is held back by an earlier row of its key
         # (whose relay claims again when done), so a kick sent before it has nothing to add.
         self.caught_up_at = 0.0
+        # This relay's id in its lease tokens: claims count the relays at work by it.
+        self.claimer = new_claimer_id()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -323,13 +325,16 @@ class Relay:
         claim_started = time.monotonic()  # the lease counts from no later than this
         claim_started_wall = time.time()
         claim = self.store.claim(
-            limit=self.claim_batch_size, lease_seconds=self.lease_seconds, following=following
+            limit=self.claim_batch_size,
+            lease_seconds=self.lease_seconds,
+            following=following,
+            claimer=self.claimer,
         )
         claimed = claim.events
         report = RelayReport(
             claimed=len(claimed),
             contended=claim.contended,
-            exhausted=len(claimed) < self.claim_batch_size and not claim.contended,
+            exhausted=not claim.more and not claim.contended,
         )
         current = _Pass(
             report=report, token=claim.token, started_at=claim_started, claimed_at=time.monotonic()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import re
+import secrets
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +29,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.selectable import Alias
 
 from outbox.models import (
+    IX_DUE,
     OPEN_STATUSES,
     TERMINAL_STATUSES,
     Status,
@@ -44,6 +49,16 @@ ATTEMPT_LOG_LIMIT = 20
 # takes rows in rounds of ``CLAIM_ROUND_ROWS`` per key (one full publish request of 10 events).
 CLAIM_VIEW_FACTOR = 4
 CLAIM_ROUND_ROWS = 10
+# A relay's id: the first hex digits of its lease tokens (claims count the relays at work).
+CLAIMER_ID_LENGTH = 8
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def new_claimer_id() -> str:
+    """A random claimer id for one relay (see :meth:`Store.claim`)."""
+    return secrets.token_hex(CLAIMER_ID_LENGTH // 2)
+
+
 LATENCY_SAMPLE_LIMIT = 20_000
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -335,11 +350,13 @@ _CLAIMED_COLUMNS = (
 @dataclass(frozen=True)
 class ClaimResult:
     """What one claim leased. ``contended``: due rows were passed over because a concurrent
-    claimer held them (PostgreSQL); claiming again in a moment may find them."""
+    transaction held them (PostgreSQL); claiming again in a moment may find them. ``more``:
+    claimable rows were left for the next claim."""
 
     events: list[ClaimedEvent]
     contended: bool = False
     token: str = ""  # the lease token of these rows
+    more: bool = False  # claimable rows were left (the limit, or the claimer's fair share)
 
 
 @dataclass(frozen=True)
@@ -405,28 +422,30 @@ class Store:
         limit: int,
         lease_seconds: float,
         following: str | None = None,
+        claimer: str | None = None,
         per_key: int = CLAIM_ROUND_ROWS,
     ) -> ClaimResult:
         """Lease up to ``limit`` due rows, keeping per-key order, oldest keys first.
 
         A row is claimable when it is pending and due, and no earlier row of its ordering key is
-        leased, waiting for a retry, or (PostgreSQL) locked by a concurrent claimer. One
-        statement does it all (a single round trip): ``UPDATE … RETURNING`` over the chosen
-        rows. Rows past their time-to-live are claimed too; the relay marks them expired under
-        the lease instead of publishing them.
+        leased, waiting for a retry, or (PostgreSQL) locked by a concurrent claimer. Rows past
+        their time-to-live are claimed too; the relay marks them expired under the lease
+        instead of publishing them.
 
         Which rows: the claim looks at the oldest claimable rows (``CLAIM_VIEW_FACTOR`` times
         ``limit``, walking the due index in id order, never the whole backlog) and takes them in
         rounds: each key's oldest ``per_key`` rows (one full publish request), keys in the order
         of their oldest row; then each key's next ``per_key`` rows, and so on up to ``limit``.
-        With many rows on few keys a claim therefore leaves keys for other relays (keys are the
-        unit of parallelism: a key's rows are published by one relay at a time); with many keys
-        it takes the oldest rows; a single busy key fills the whole claim. Every key's rows are
-        taken oldest first and without gaps, so per-key order holds whatever the rounds pick.
+        A claim takes no more than its fair share of the keys: the keys with work (those it
+        sees and those other relays hold) divided by the relays holding leases, itself
+        included. Keys are the unit of parallelism (a key's rows are published by one relay at a
+        time), so with many rows on few keys every relay gets its share, and as relays come and
+        go the shares follow; with many keys a claim takes the oldest rows; a single busy key
+        fills the whole claim. Every key's rows are taken oldest first and without gaps, so
+        per-key order holds whatever the rounds pick.
 
-        Fewer than ``limit`` rows come back only when fewer were claimable (or, ``contended``,
-        when a concurrent transaction held some of them): a short, uncontended claim took every
-        claimable row.
+        ``more`` says that claimable rows were left (by the limit or the fair share); a claim
+        that is neither ``more`` nor ``contended`` took every row it could.
 
         On PostgreSQL the chosen rows are locked with ``SKIP LOCKED``; when a row was skipped
         (another transaction holds it: claims themselves are serialized, so an operator's
@@ -438,18 +457,26 @@ class Store:
         published: its rows do not hold their keys back, so the caller can claim the next rows of
         those keys while it publishes (it publishes them only after the earlier ones were sent,
         and releases them if an earlier one failed). The new rows get a lease of their own.
+        ``claimer`` identifies the caller (:func:`new_claimer_id`, one per relay) in its lease
+        tokens, so that claims can count the relays at work; without it the claim counts as a
+        relay of its own.
         """
         if limit < 1 or per_key < 1:
             raise ValueError("a claim takes at least one row, at least one per key and round")
-        token = str(uuid.uuid4())
+        claimer = claimer or new_claimer_id()
+        if len(claimer) != CLAIMER_ID_LENGTH or not _HEX.fullmatch(claimer):
+            raise ValueError(f"claimer must be {CLAIMER_ID_LENGTH} hex digits (new_claimer_id())")
+        token = str(uuid.UUID(claimer + uuid.uuid4().hex[CLAIMER_ID_LENGTH:]))
         params = {
             "limit": limit,
             "view": limit * CLAIM_VIEW_FACTOR,
             "per_key": per_key,
             "token": token,
             "following": following or "",
+            "claimer": claimer,
             **self._clock_params(lease_seconds),
         }
+        rows: Sequence[Any]
         with self.engine.begin() as conn:
             if self.is_postgres:
                 # One claimer at a time (as SQLite's BEGIN IMMEDIATE does), held to commit: a
@@ -457,9 +484,22 @@ class Store:
                 # rows for each other (SKIP LOCKED) and hold locks on rows another relay was
                 # marking sent, stalling it for the length of their scan.
                 conn.execute(self._statement("claim lock", _claim_lock))
-            fetched = conn.execute(self._statement("claim", self._build_claim), params).all()
-        rows = [r for r in fetched if r.id is not None]
-        chosen = int(fetched[0].chosen) if self.is_postgres else len(rows)
+                fetched = conn.execute(self._statement("claim", self._build_claim), params).all()
+                rows = [r for r in fetched if r.id is not None]
+                seen, chosen = int(fetched[0].seen), int(fetched[0].chosen)
+            else:
+                # BEGIN IMMEDIATE holds the write lock: choosing, then leasing, is atomic.
+                picked = conn.execute(self._statement("claim", self._build_claim), params).all()
+                seen = int(picked[0].seen) if picked else 0
+                ids = [r.id for r in picked]
+                chosen = len(ids)
+                rows = (
+                    conn.execute(
+                        self._statement("lease", self._build_lease), {**params, "ids": ids}
+                    ).all()
+                    if ids
+                    else []
+                )
         result = [
             ClaimedEvent(
                 id=r.id,
@@ -482,23 +522,72 @@ class Store:
             for r in rows
         ]
         result.sort(key=lambda ev: ev.id)
-        return ClaimResult(result, contended=len(rows) < chosen, token=token)
+        return ClaimResult(result, contended=len(rows) < chosen, token=token, more=seen > chosen)
+
+    def _lease(self, ids: Any) -> Any:
+        """``UPDATE … RETURNING`` that leases the rows ``ids`` (an ``ANY`` array on PostgreSQL,
+        a list parameter on SQLite) names. They are locked (PostgreSQL), or this transaction is
+        the only writer (SQLite)."""
+        e = events
+        where = e.c.id == ids if self.is_postgres else e.c.id.in_(ids)
+        return (
+            sa.update(e)
+            .where(where)
+            .values(
+                status=Status.IN_FLIGHT.value,
+                lease_token=sa.bindparam("token", type_=sa.String()),
+                lease_expires_at=self._clock("lease_seconds"),
+                attempts=e.c.attempts + 1,
+            )
+            .returning(
+                *_CLAIMED_COLUMNS,
+                sa.and_(e.c.expires_at.is_not(None), e.c.expires_at <= self._clock()).label(
+                    "overdue"
+                ),
+            )
+        )
+
+    def _build_lease(self) -> Any:
+        return self._lease(sa.bindparam("ids", expanding=True))
 
     def _build_claim(self) -> Any:
         e = events
         now = self._clock()
+        following = sa.bindparam("following", type_=sa.String())
+        claimer = sa.bindparam("claimer", type_=sa.String())
+        # Rows other relays hold (by the claimer id in their lease tokens): how many relays are
+        # at work, and on how many keys.
+        f = events.alias("leased")
+        relay = sa.func.substr(f.c.lease_token, 1, CLAIMER_ID_LENGTH)
+        others = (
+            sa.select(f.c.ordering_key, relay.label("relay"))
+            .where(_is(f.c.status, Status.IN_FLIGHT), relay != claimer)
+            .order_by(f.c.lease_expires_at)  # see held: the ordered index walk is the plan
+            .cte("others")
+        )
+        crowd = sa.select(
+            (sa.func.count(others.c.relay.distinct()) + 1).label("relays"),
+            sa.func.count(others.c.ordering_key.distinct()).label("busy_keys"),
+        ).cte("crowd")
         # The rows that hold their key back: leased ones (except the caller's own previous
         # claim, see ``following``) and pending ones waiting for a retry. Both sets are small
         # and each has its own partial index, so finding them never reads the backlog.
-        following = sa.bindparam("following", type_=sa.String())
-        f, w = events.alias("leased"), events.alias("waiting")
+        # Each is read in the order of its own index: the claim's transaction makes sorts the
+        # last resort (see _claim_lock), so that order can only come from walking that index,
+        # whatever the statistics say. (With statistics of a near-empty table, the planner
+        # otherwise found waiting rows by reading every pending row through the due index.)
+        g, w = events.alias("holding"), events.alias("waiting")
         holders = sa.union_all(
-            sa.select(f.c.ordering_key, f.c.id).where(
-                _is(f.c.status, Status.IN_FLIGHT), f.c.lease_token != following
-            ),
-            sa.select(w.c.ordering_key, w.c.id).where(
-                _is(w.c.status, Status.PENDING), w.c.available_at > now
-            ),
+            sa.select(g.c.ordering_key, g.c.id)
+            .where(_is(g.c.status, Status.IN_FLIGHT), g.c.lease_token != following)
+            .order_by(g.c.lease_expires_at)
+            .subquery("holding_rows")
+            .select(),
+            sa.select(w.c.ordering_key, w.c.id)
+            .where(_is(w.c.status, Status.PENDING), w.c.available_at > now)
+            .order_by(w.c.available_at)
+            .subquery("waiting_rows")
+            .select(),
         ).subquery("holders")
         held = (
             sa.select(
@@ -512,97 +601,84 @@ class Store:
         # A row of a held key is claimable only when it is older than the key's first holder
         # (rows committed out of id order): NOT IN over the held keys is one hash probe per row,
         # and the correlated comparison runs only for rows of held keys.
-        free = sa.or_(
-            e.c.ordering_key.not_in(sa.select(held.c.ordering_key)),
-            e.c.id
-            < sa.select(h.c.first_id).where(h.c.ordering_key == e.c.ordering_key).scalar_subquery(),
-        )
         # The oldest claimable rows, walking the due index in id order and stopping after
         # ``view`` of them: the cost of a claim does not grow with the backlog.
-        view = (
-            sa.select(e.c.id, e.c.ordering_key)
-            .where(_is(e.c.status, Status.PENDING), e.c.available_at <= now, free)
-            .order_by(e.c.id)
-            .limit(sa.bindparam("view", type_=sa.Integer()))
+        # (SQLite must be told which index: with statistics gathered while most rows were
+        # pending it scans the table in rowid order instead, from its oldest sent row.)
+        d = _DueIndexed._construct(events, name="due")
+        free = sa.or_(
+            d.c.ordering_key.not_in(sa.select(held.c.ordering_key)),
+            d.c.id
+            < sa.select(h.c.first_id).where(h.c.ordering_key == d.c.ordering_key).scalar_subquery(),
         )
-        seen = view.cte("oldest")
+        seen = (
+            sa.select(d.c.id, d.c.ordering_key)
+            .where(_is(d.c.status, Status.PENDING), d.c.available_at <= now, free)
+            .order_by(d.c.id)
+            .limit(sa.bindparam("view", type_=sa.Integer()))
+            .cte("oldest")
+        )
         place = sa.func.row_number().over(partition_by=seen.c.ordering_key, order_by=seen.c.id)
         # integer division on both databases (SQLAlchemy's ``//`` renders FLOOR())
         rounds = (place - 1).self_group().op("/")(sa.bindparam("per_key", type_=sa.Integer()))
-        ranked = sa.select(
+        firsts = sa.select(
             seen.c.id,
             seen.c.ordering_key,
             rounds.label("round"),
             sa.func.min(seen.c.id).over(partition_by=seen.c.ordering_key).label("key_first"),
+        ).subquery("firsts")
+        ranked = sa.select(
+            firsts,
+            sa.func.dense_rank().over(order_by=firsts.c.key_first).label("key_rank"),
         ).subquery("ranked")
+        seen_keys = sa.select(sa.func.count(seen.c.ordering_key.distinct())).scalar_subquery()
+        # ceil(keys with work / relays at work), at least 1
+        share = (
+            sa.select(
+                (seen_keys + crowd.c.busy_keys + crowd.c.relays - 1)
+                .self_group()
+                .op("/")(crowd.c.relays)
+            )
+            .select_from(crowd)
+            .scalar_subquery()
+        )
         chosen = (
             sa.select(ranked.c.id, ranked.c.ordering_key)
+            .where(ranked.c.key_rank <= share)
             .order_by(ranked.c.round, ranked.c.key_first, ranked.c.id)
             .limit(sa.bindparam("limit", type_=sa.Integer()))
             .cte("chosen")
         )
-        chosen_count = sa.select(sa.func.count()).select_from(chosen).scalar_subquery()
-        if self.is_postgres:
-            # SKIP LOCKED passes over rows another transaction holds (claims are serialized, but
-            # an operator's redrive or the sweep's expiry is not); a later row of the same key
-            # must then wait, or it would be published before the held one: when a row was
-            # skipped, keep only rows whose every earlier open row was locked here too.
-            locked = (
-                sa.select(e.c.id, e.c.ordering_key)
-                .where(e.c.id.in_(sa.select(chosen.c.id)))
-                .with_for_update(skip_locked=True, of=e)
-                .cte("locked")
-            )
-            o = events.alias("open_earlier")
-            # The first earlier open row that is not locked here, found with min(id) over the
-            # (ordering_key, id) index of open rows with a row-value bound.
-            first_outside = (
-                sa.select(sa.func.min(o.c.id))
-                .where(
-                    o.c.ordering_key == locked.c.ordering_key,
-                    sa.tuple_(o.c.ordering_key, o.c.id)
-                    < sa.tuple_(locked.c.ordering_key, locked.c.id),
-                    _in(o.c.status, OPEN_STATUSES),
-                    sa.or_(o.c.lease_token.is_(None), o.c.lease_token != following),
-                    o.c.id.not_in(sa.select(locked.c.id).scalar_subquery()),
-                )
-                .scalar_subquery()
-            )
-            nothing_skipped = (
-                sa.select(sa.func.count()).select_from(locked).scalar_subquery() == chosen_count
-            )
-            # ``coalesce(first, id) >= id`` is ``first IS NULL`` (any match is below ``id``) in a
-            # form the planner estimates as an ordinary inequality. It is evaluated only when a
-            # row was skipped (OR stops at its first true operand, and the counts are computed
-            # once per statement).
-            in_order = sa.or_(
-                nothing_skipped, sa.func.coalesce(first_outside, locked.c.id) >= locked.c.id
-            )
-            picked: sa.Select[Any] = sa.select(locked.c.id).where(in_order)
-        else:
-            picked = sa.select(chosen.c.id)  # BEGIN IMMEDIATE: one claimer at a time
-        claim = (
-            sa.update(e)
-            .where(e.c.id.in_(picked.scalar_subquery()))
-            .values(
-                status=Status.IN_FLIGHT.value,
-                lease_token=sa.bindparam("token", type_=sa.String()),
-                lease_expires_at=self._clock("lease_seconds"),
-                attempts=e.c.attempts + 1,
-            )
-            .returning(
-                *_CLAIMED_COLUMNS,
-                sa.and_(e.c.expires_at.is_not(None), e.c.expires_at <= now).label("overdue"),
-            )
-        )
+        seen_count = sa.select(sa.func.count()).select_from(seen).scalar_subquery()
         if not self.is_postgres:
-            return claim  # nothing is skipped: every chosen row is claimed
-        claimed = claim.cte("claimed")
-        # One row at least, carrying how many rows were chosen (more than claimed: contended).
-        one = sa.select(sa.literal(1).label("one")).subquery("one")
-        return sa.select(*claimed.c, chosen_count.label("chosen")).select_from(
-            one.outerjoin(claimed, sa.true())
+            # BEGIN IMMEDIATE: one claimer at a time; the lease is a second statement.
+            return sa.select(chosen.c.id, seen_count.label("seen"))
+        chosen_count = sa.select(sa.func.count()).select_from(chosen).scalar_subquery()
+        # SKIP LOCKED passes over rows another transaction holds (claims are serialized, but an
+        # operator's update or the sweep's expiry is not). Rows are looked up by id as
+        # ``id = ANY(ARRAY(…))``: an index condition on the primary key whatever the statistics
+        # (with those of a small table, ``id IN (…)`` became a hash join over the whole key).
+        locked = (
+            sa.select(e.c.id, e.c.ordering_key)
+            .where(e.c.id == sa.any_(sa.func.array(sa.select(chosen.c.id).scalar_subquery())))
+            .with_for_update(skip_locked=True, of=e)
+            .cte("locked")
         )
+        # A key with a chosen row that could not be locked (SKIP LOCKED passed over it, or it
+        # changed since the statement's snapshot) is left out whole: the rows chosen for a key
+        # are its oldest claimable ones, so every earlier open row of a key is among them, and
+        # a later row must not go out before a held one. Small hashed sets, no table access.
+        skipped_keys = sa.select(chosen.c.ordering_key).where(
+            chosen.c.id.not_in(sa.select(locked.c.id))
+        )
+        in_order = locked.c.ordering_key.not_in(skipped_keys)
+        picked = sa.select(locked.c.id).where(in_order).scalar_subquery()
+        claimed = self._lease(sa.any_(sa.func.array(picked))).cte("claimed")
+        # One row at least, carrying how many rows were seen and chosen.
+        one = sa.select(sa.literal(1).label("one")).subquery("one")
+        return sa.select(
+            *claimed.c, seen_count.label("seen"), chosen_count.label("chosen")
+        ).select_from(one.outerjoin(claimed, sa.true()))
 
     def _mark_expired(self, conn: Connection, ids: Sequence[int]) -> int:
         e = events
@@ -1170,6 +1246,21 @@ def _claim_lock() -> Any:
         sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY),
         *(sa.func.set_config(name, "off", True) for name in CLAIM_PLANNER_OFF),
     )
+
+
+class _DueIndexed(Alias):
+    """``outbox_events`` read through the due index: ``INDEXED BY`` on SQLite (a plain alias
+    elsewhere; PostgreSQL's claim pins its plans with planner settings, see _claim_lock)."""
+
+    inherit_cache = True
+
+
+@compiles(_DueIndexed, "sqlite")
+def _indexed_by(element: _DueIndexed, compiler: Any, **kw: Any) -> str:
+    text: str = compiler.visit_alias(element, **kw)
+    if kw.get("asfrom"):
+        text += f" INDEXED BY {IX_DUE}"
+    return text
 
 
 # Planner settings the claim turns off for its own transaction (see _claim_lock).

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import new_opaque_id
-from outbox.models import IX_DUE, events
-from outbox.store import CLAIM_PLANNER_OFF, Store, _claim_lock
+from outbox.models import IX_DUE, IX_LEASED, IX_WAITING, events
+from outbox.store import CLAIM_PLANNER_OFF, Store, _claim_lock, new_claimer_id
 from tests.integration.helpers import ORDER_CREATED, make_outbox
 
 
@@ -75,6 +78,63 @@ def test_a_relay_claims_the_next_rows_of_its_own_keys_while_it_publishes(engine)
     assert {ev.lease_token for ev in ahead.events} == {ahead.token}
 
 
+def keys_of(claim):
+    return {ev.ordering_key for ev in claim.events}
+
+
+def test_relays_at_work_share_the_keys_fairly(engine):
+    """16 busy keys, two relays: the first takes 10 keys (rounds of 10 rows, limit 100), the
+    second the 6 left; from then on each claims no more than half of the keys, and the keys the
+    first lets go end up with the second: 8 and 8. A claim cut by the share says ``more``."""
+    pharmacies = [new_opaque_id("pha") for _ in range(16)]
+    enqueue_round_robin(engine, pharmacies, 40)
+    store = Store(engine)
+    a, b = new_claimer_id(), new_claimer_id()
+    a1 = store.claim(limit=100, lease_seconds=30, claimer=a)
+    b1 = store.claim(limit=100, lease_seconds=30, claimer=b)
+    assert (len(keys_of(a1)), len(keys_of(b1))) == (10, 6)
+    assert len(a1.events) == len(b1.events) == 100 and a1.more and b1.more
+    a2 = store.claim(limit=100, lease_seconds=30, claimer=a, following=a1.token)
+    assert len(keys_of(a2)) == 8 and keys_of(a2) < keys_of(a1)  # its share: 16 keys / 2
+    assert len(a2.events) == 100 and a2.more
+    store.mark_sent(a1.events, erase_phi_now=True)
+    store.mark_sent(b1.events, erase_phi_now=True)
+    b2 = store.claim(limit=100, lease_seconds=30, claimer=b)
+    assert keys_of(b2) == keys_of(b1) | (keys_of(a1) - keys_of(a2))
+    assert len(keys_of(b2)) == 8
+    assert {ev.lease_token[:8] for ev in a2.events} == {a}
+    assert {ev.lease_token[:8] for ev in b2.events} == {b}
+
+
+def test_a_lone_relay_takes_every_key_it_can(engine):
+    """No other relay holds a lease: the fair share is every key (rounds and the limit only)."""
+    pharmacies = [new_opaque_id("pha") for _ in range(6)]
+    enqueue_round_robin(engine, pharmacies, 40)
+    store = Store(engine)
+    claimer = new_claimer_id()
+    first = store.claim(limit=100, lease_seconds=30, claimer=claimer)
+    ahead = store.claim(limit=100, lease_seconds=30, claimer=claimer, following=first.token)
+    assert len(keys_of(first)) == len(keys_of(ahead)) == 6
+    assert len(first.events) == len(ahead.events) == 100
+
+
+def test_a_claim_cut_by_its_share_alone_says_more_rows_are_left(engine):
+    pharmacies = [new_opaque_id("pha") for _ in range(4)]
+    enqueue_round_robin(engine, pharmacies, 2)
+    store = Store(engine)
+    other = store.claim(limit=2, lease_seconds=30)  # another relay holds one key
+    assert len(keys_of(other)) == 1
+    mine = store.claim(limit=100, lease_seconds=30)
+    # 3 keys with work here + 1 busy elsewhere, 2 relays: a share of 2 keys, 4 rows
+    assert len(keys_of(mine)) == 2 and len(mine.events) == 4
+    assert mine.more  # fewer rows than the limit, yet not everything: not caught up
+
+
+def test_a_claimer_id_must_be_what_new_claimer_id_makes(engine):
+    with pytest.raises(ValueError, match="hex digits"):
+        Store(engine).claim(limit=10, lease_seconds=30, claimer="relay-1")
+
+
 def test_a_single_busy_key_fills_the_whole_claim(engine):
     pharmacy = new_opaque_id("pha")
     ids = enqueue_round_robin(engine, [pharmacy], 50)
@@ -95,7 +155,7 @@ def test_a_claim_shorter_than_its_limit_took_every_claimable_row(engine):
     enqueue_round_robin(engine, pharmacies, 30)
     store = Store(engine)
     claim = store.claim(limit=500, lease_seconds=30)
-    assert len(claim.events) == 120
+    assert len(claim.events) == 120 and not claim.more
     assert store.claim(limit=500, lease_seconds=30).events == []
     with engine.connect() as conn:
         left = conn.execute(
@@ -104,45 +164,96 @@ def test_a_claim_shorter_than_its_limit_took_every_claimable_row(engine):
     assert left == 0
 
 
-def _plan(engine, store):
-    """The claim's plan as the claim runs it (in its transaction, after its lock)."""
-    statement = store._statement("claim", store._build_claim)
-    compiled = statement.compile(dialect=engine.dialect)
+def _plan(engine, store, *, analyze=False):
+    """The claim's plan as the claim runs it (in its transaction, after its lock), with a
+    relay's previous claim still leased (``following``)."""
+    claimer = new_claimer_id()
+    previous = store.claim(limit=100, lease_seconds=30, claimer=claimer)
+    if not store.is_postgres:
+        # The very statements and parameters a claim runs, captured, then explained.
+        captured = []
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            if statement.lstrip().startswith(("WITH", "UPDATE")):
+                captured.append((statement, parameters))
+
+        sa.event.listen(engine, "before_cursor_execute", capture)
+        try:
+            store.claim(limit=100, lease_seconds=30, claimer=claimer, following=previous.token)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", capture)
+        assert len(captured) == 2  # choose, then lease
+        with engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            return "\n".join(
+                str(row[3])
+                for statement, parameters in captured
+                for row in raw.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+            )
     params = {
         "limit": 100,
         "view": 400,
         "per_key": 10,
-        "token": "t",
-        "following": "",
+        "token": claimer + "-0000-4000-8000-000000000000",
+        "following": previous.token,
+        "claimer": claimer,
         **store._clock_params(30),
     }
+    compiled = store._build_claim().compile(dialect=engine.dialect)
     values = {k: params.get(k, v) for k, v in compiled.params.items()}
     with engine.begin() as conn:
-        if store.is_postgres:
-            conn.execute(_claim_lock())
-            cursor = conn.connection.driver_connection.cursor()
-            cursor.execute("EXPLAIN (COSTS OFF) " + compiled.string, values)
-            return "\n".join(row[0] for row in cursor.fetchall())
-        args = [values[name] for name in compiled.positiontup]
-        args = [a.strftime("%Y-%m-%d %H:%M:%S.%f") if hasattr(a, "strftime") else a for a in args]
-        cursor = conn.connection.driver_connection.execute(
-            "EXPLAIN QUERY PLAN " + compiled.string, args
-        )
-        return "\n".join(str(row[3]) for row in cursor.fetchall())
+        conn.execute(_claim_lock())
+        cursor = conn.connection.driver_connection.cursor()
+        how = "(ANALYZE, COSTS OFF)" if analyze else "(COSTS OFF)"
+        cursor.execute(f"EXPLAIN {how} " + compiled.string, values)
+        lines = [row[0] for row in cursor.fetchall()]
+        conn.rollback()
+    return "\n".join(lines)
 
 
-def test_the_claim_walks_the_due_index_whatever_the_statistics_say(engine):
-    """Statistics gathered on a near-empty table, then a burst: the claim must still walk the
-    due index in id order and stop early, not fetch and sort every pending row."""
+@pytest.mark.parametrize("statistics", ["of a near-empty table", "of the backlog"])
+def test_the_claim_walks_its_indexes_whatever_the_statistics_say(engine, statistics):
+    """An outbox table's statistics are wrong most of the time. Whatever they say, every part
+    of the claim walks its own index and stops early: the due index for the oldest rows, the
+    lease index for leased rows, the due-time index for rows waiting for a retry, the primary
+    key for the update. None of them may read the backlog (here 1,600 rows)."""
     store = Store(engine)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("ANALYZE")
-    enqueue_round_robin(engine, [new_opaque_id("pha") for _ in range(8)], 100)
-    plan = _plan(engine, store)
+    pharmacies = [new_opaque_id("pha") for _ in range(8)]
+    enqueue_round_robin(engine, pharmacies[:1], 2)
+    store.mark_sent(store.claim(limit=10, lease_seconds=30).events, erase_phi_now=True)
+    if statistics == "of a near-empty table":
+        _analyze(engine)
+    enqueue_round_robin(engine, pharmacies, 200)
+    if statistics == "of the backlog":
+        _analyze(engine)
+    plan = _plan(engine, store, analyze=True)
     if store.is_postgres:
-        assert f"Index Scan using {IX_DUE} on outbox_events" in plan, plan
-        assert "Bitmap Heap Scan on outbox_events\n" not in plan + "\n", plan
-        assert "JIT" not in plan
+        for index, alias in [
+            (IX_DUE, "due"),  # the oldest claimable rows
+            (IX_LEASED, "holding"),
+            (IX_LEASED, "leased"),
+            (IX_WAITING, "waiting"),
+        ]:
+            assert f"Index Scan using {index} on outbox_events {alias} " in plan, plan
+        # the chosen rows are locked, then leased, by primary key
+        assert len(re.findall(r"Index Scan using pk_outbox_events on outbox_events", plan)) == 2
+        assert "Seq Scan" not in plan and "Bitmap" not in plan and "JIT" not in plan, plan
+        removed = [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", plan)]
+        assert max(removed, default=0) <= 200, plan  # a relay's own leased rows at most
         assert CLAIM_PLANNER_OFF == ("enable_seqscan", "enable_bitmapscan", "enable_sort", "jit")
     else:
-        assert f"SCAN outbox_events USING INDEX {IX_DUE}" in plan, plan
+        for expected in [
+            f"SCAN due USING INDEX {IX_DUE}",
+            f"SCAN holding USING INDEX {IX_LEASED}",
+            f"SCAN leased USING INDEX {IX_LEASED}",
+            f"SEARCH waiting USING INDEX {IX_WAITING} (available_at>?)",
+            "SEARCH outbox_events USING INTEGER PRIMARY KEY (rowid=?)",
+        ]:
+            assert expected in plan, plan
+
+
+def _analyze(engine):
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(
+            "VACUUM ANALYZE outbox_events" if conn.dialect.name == "postgresql" else "ANALYZE"
+        )
