@@ -9,9 +9,10 @@ whose reason is a fixed, payload-free text.
 Two SDK behaviours we deliberately avoid (see DESIGN.md, "Pusher facts that bite"):
 
 * ``trigger_batch`` encrypts by rewriting the dicts it is given, and measures sizes with
-  ``sys.getsizeof``. We build fresh dicts on every call, encrypt each event's data ourselves with
-  the SDK's own ``pusher.crypto.encrypt`` (NaCl secretbox), and pass ``already_encoded=True``. A
-  retried batch is therefore encrypted exactly once per attempt, from the stored plaintext.
+  ``sys.getsizeof``. We build fresh dicts on every call, encrypt each event's data ourselves as
+  the SDK's ``pusher.crypto.encrypt`` does (its key derivation, NaCl secretbox, its wire format;
+  see :class:`_Sealer`), and pass ``already_encoded=True``. A retried batch is therefore
+  encrypted exactly once per attempt, from the stored plaintext.
 * soketi (and proxies) may answer an error with HTTP 200 and ``{"error": …, "code": N}``. The SDK
   returns such a body as success; we read the body and treat it as the error ``code`` says.
 """
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import nacl.secret
+import nacl.utils
 import pusher
 import requests
 import urllib3
@@ -281,6 +285,41 @@ class _Backend:
             return {}
 
 
+# Channels whose encryption box a publisher keeps (see _Sealer).
+SEALED_CHANNELS_KEPT = 4096
+
+
+class _Sealer:
+    """End-to-end encryption of an event's data, exactly as ``pusher.crypto.encrypt`` does it.
+
+    The SDK derives a channel's key (SHA-256 of the channel name and the master key, its own
+    ``generate_shared_secret``) and builds a NaCl ``SecretBox`` for every event it encrypts. Both
+    depend on the channel only, so they are made once per channel (the most recent
+    :data:`SEALED_CHANNELS_KEPT` channels) and every event gets a fresh random nonce, as before:
+    the output is the SDK's ``{"nonce": …, "ciphertext": …}`` in base64, byte for byte the same
+    shape, and subscribers decrypt it with the shared secret the authorizer hands out.
+    """
+
+    def __init__(self, master_key: bytes) -> None:
+        self._master_key = master_key
+        self._box = functools.lru_cache(maxsize=SEALED_CHANNELS_KEPT)(self._make_box)
+
+    def _make_box(self, channel: str) -> nacl.secret.SecretBox:
+        return nacl.secret.SecretBox(
+            crypto.generate_shared_secret(channel.encode("utf-8"), self._master_key)
+        )
+
+    def seal(self, channel: str, data: str) -> str:
+        nonce = nacl.utils.random(nacl.secret.SecretBox.NONCE_SIZE)
+        sealed = self._box(channel).encrypt(data.encode("utf-8"), nonce)
+        return json.dumps(
+            {
+                "nonce": base64.b64encode(nonce).decode("ascii"),
+                "ciphertext": base64.b64encode(sealed.ciphertext).decode("ascii"),
+            }
+        )
+
+
 class PusherPublisher:
     """Publishes batches with the official SDK. One instance per process (it holds a session)."""
 
@@ -315,7 +354,7 @@ class PusherPublisher:
         elif cluster:
             options["cluster"] = cluster
         self._client = pusher.Pusher(**options)
-        self._master_key = encryption_master_key
+        self._sealer = None if encryption_master_key is None else _Sealer(encryption_master_key)
 
     @classmethod
     def from_settings(cls, settings: Any) -> PusherPublisher:
@@ -340,14 +379,12 @@ class PusherPublisher:
     def _wire(self, event: OutgoingEvent) -> dict[str, Any]:
         data = event.data
         if event.channel.startswith(ENCRYPTED_PREFIX):
-            if self._master_key is None:
+            if self._sealer is None:
                 raise PermanentPublishError(
                     "encrypted channel but no encryption master key configured "
                     "(set PUSHER_ENCRYPTION_MASTER_KEY_BASE64)"
                 )
-            data = json.dumps(
-                crypto.encrypt(event.channel, data, self._master_key), ensure_ascii=False
-            )
+            data = self._sealer.seal(event.channel, data)
         wire: dict[str, Any] = {"channel": event.channel, "name": event.name, "data": data}
         if event.socket_id:
             wire["socket_id"] = event.socket_id

@@ -177,3 +177,48 @@ def test_the_backend_never_retries_or_follows_redirects_itself(monkeypatch):
     assert backend.pool.connection_pool_kw["retries"].total is False
     with pytest.raises(TransientPublishError, match="could not reach Pusher"):
         publisher.publish_batch([OutgoingEvent("c", "e", "{}")])
+
+
+@pytest.mark.parametrize("n", [0, 1, 100, 7400])
+def test_the_publisher_encrypts_byte_for_byte_as_the_sdk_does(monkeypatch, n):
+    """Same key derivation, secretbox and wire format as ``pusher.crypto.encrypt``, and the size
+    the enqueue-time check promised."""
+    from pusher import crypto
+
+    from outbox import policy
+    from outbox.publisher import _Sealer
+
+    nonce = bytes(range(24))
+    monkeypatch.setattr("nacl.utils.random", lambda size: nonce[:size])
+    key = b"k" * 32
+    plaintext = json.dumps({"id": "evt_1", "data": {"note": "é" + "a" * n}})
+    channel = "private-encrypted-pharmacy-pha_1"
+    ours = _Sealer(key).seal(channel, plaintext)
+    theirs = json.dumps(crypto.encrypt(channel, plaintext, key, nonce=nonce), ensure_ascii=False)
+    assert ours == theirs
+    assert len(ours.encode()) == policy.wire_data_bytes(plaintext, encrypted=True)
+
+
+def test_each_event_gets_a_fresh_nonce_and_each_channel_its_own_key():
+    import base64
+
+    import nacl.secret
+    from pusher.crypto import generate_shared_secret
+
+    from outbox.publisher import _Sealer
+
+    key = b"m" * 32
+    sealer = _Sealer(key)
+    a1, a2 = (json.loads(sealer.seal("private-encrypted-a", "same")) for _ in range(2))
+    b1 = json.loads(sealer.seal("private-encrypted-b", "same"))
+    assert a1["nonce"] != a2["nonce"] and a1["ciphertext"] != a2["ciphertext"]
+    for channel, sealed in (("private-encrypted-a", a1), ("private-encrypted-b", b1)):
+        box = nacl.secret.SecretBox(generate_shared_secret(channel.encode(), key))
+        plain = box.decrypt(
+            base64.b64decode(sealed["ciphertext"]), base64.b64decode(sealed["nonce"])
+        )
+        assert plain == b"same"
+    with pytest.raises(nacl.exceptions.CryptoError):
+        nacl.secret.SecretBox(generate_shared_secret(b"private-encrypted-a", key)).decrypt(
+            base64.b64decode(b1["ciphertext"]), base64.b64decode(b1["nonce"])
+        )
