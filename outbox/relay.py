@@ -24,7 +24,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from outbox.errors import ConfigurationError, PermanentPublishError, PublishError
+from outbox.errors import (
+    ConfigurationError,
+    PermanentPublishError,
+    PublishError,
+    TransientPublishError,
+)
 from outbox.publisher import MAX_BATCH_EVENTS, OutgoingEvent, Publisher
 from outbox.retry import RetryPolicy
 from outbox.store import ClaimedEvent, Failure, Store, new_claimer_id, utcnow
@@ -150,7 +155,15 @@ class _Lease:
             if self.deadline - time.monotonic() >= self.needed_seconds:
                 return True
             started = time.monotonic()
-            if self.store.extend_lease(self.token, lease_seconds=self.lease_seconds) == 0:
+            try:
+                extended = self.store.extend_lease(self.token, lease_seconds=self.lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - whether we still own the rows is unknown
+                logger.warning(
+                    "outbox could not extend a lease; stopped publishing its rows",
+                    extra={"error_class": type(exc).__name__},
+                )
+                extended = 0
+            if extended == 0:
                 self.lost = True
                 return False
             self.extensions += 1
@@ -174,6 +187,7 @@ class _Pass:
     token: str
     started_at: float  # monotonic: the claim began (the lease counts from no later than this)
     claimed_at: float
+    more: bool = False  # the claim left claimable rows (its limit or its fair share)
     events: list[ClaimedEvent] = field(default_factory=list)  # to publish
     broken: list[Failure] = field(default_factory=list)
     lease: _Lease | None = None
@@ -184,6 +198,10 @@ class _Pass:
     sent: list[ClaimedEvent] = field(default_factory=list)
     released: list[ClaimedEvent] = field(default_factory=list)
     failed: list[tuple[ClaimedEvent, PublishError]] = field(default_factory=list)
+
+    def failing_keys(self) -> set[str]:
+        """Keys with a transient failure in this pass: their later rows must wait."""
+        return {ev.ordering_key for ev, error in self.failed if error.transient}
 
 
 class Relay:
@@ -240,66 +258,100 @@ class Relay:
     def run_once(self) -> RelayReport:
         """Claim one batch and deliver it. Returns what happened."""
         current = self._claim()
-        if current.report.claimed:
-            self._start(current, set())
-            self._finish(current, set())
+        try:
+            if current.report.claimed:
+                self._start(current, set())
+                self._finish(current)
+        except BaseException:
+            self._abandon([current])
+            raise
         return self._record(current)
 
     def drain(self, *, max_seconds: float = 10.0) -> RelayReport:
         """Run passes until nothing is due or ``max_seconds`` have passed.
 
-        Passes overlap: while one claim is being published, the next rows are claimed (the
-        rows of the keys being published included: they follow them) and the previous
-        claim's outcomes are written. The next claim's rows are published only once the
-        current ones are done, and rows of a key that failed transiently are released.
+        Passes overlap when there is more to do than one claim takes: while a claim is being
+        published, the next rows are claimed (the rows of the keys being published included:
+        they follow them) and the previous claim's outcomes are written. The next claim's rows
+        are published only once the current ones are done; its rows of a key that failed
+        transiently are given back at once. After a claim that took everything due, the relay
+        publishes, records, and claims once more: rows of its keys committed meanwhile were held
+        back by its own lease, so no one else's claim could take them.
+
+        If anything raises (the database goes away mid-drain), the lanes are waited for and
+        what they did is recorded as far as possible before the error propagates, so rows
+        already published are not published again and rows claimed ahead are given back.
         """
         deadline = time.monotonic() + max_seconds
         total = RelayReport()
-        blocked: set[str] = set()  # keys with a transient failure in this drain
         contended_since: float | None = None
-        current = self._claim()
-        while True:
-            if not current.report.claimed:
-                total.add(self._record(current))
-                if not current.report.contended:
-                    break
-                # Another transaction holds earlier rows of the keys we would take (claims are
-                # serialized, so an operator's update or a stuck session): claim again shortly,
-                # a bounded number of times, then leave the rows to the sweep rather than spin.
-                now = time.monotonic()
-                contended_since = now if contended_since is None else contended_since
-                if now - contended_since >= CONTENTION_BUDGET_SECONDS or now >= deadline:
-                    total.exhausted = True  # nothing a new kick could do sooner than the sweep
-                    break
-                time.sleep(random.uniform(*CONTENTION_PAUSE_SECONDS))
-                current = self._claim()
-                continue
-            contended_since = None
-            if not current.started:
-                self._start(current, blocked)
-            ahead = None
-            if time.monotonic() < deadline:
-                ahead = self._claim(following=current.token)
-            self._finish(current, blocked)
-            lost = current.lease is not None and current.lease.lost
-            if ahead is not None:
-                if lost:
-                    # Our earlier rows were taken over while the next ones were claimed: the
-                    # next ones could overtake them now. Give them back unpublished.
-                    ahead.released.extend(ahead.events)
-                    ahead.events = []
-                elif ahead.report.claimed:
-                    self._start(ahead, blocked)  # publishes while this pass is recorded
-            total.add(self._record(current))
-            if ahead is None or lost:
+        unrecorded: list[_Pass] = []  # claimed, outcomes not written yet
+
+        def claim(following: str | None = None) -> _Pass:
+            claimed = self._claim(following)
+            unrecorded.append(claimed)
+            return claimed
+
+        def record(done: _Pass) -> None:
+            unrecorded.remove(done)  # first: a pass whose recording failed is not retried
+            total.add(self._record(done))
+
+        try:
+            current = claim()
+            while True:
+                if not current.report.claimed:
+                    record(current)
+                    if not current.report.contended:
+                        break
+                    # Another transaction holds earlier rows of the keys we would take (claims
+                    # are serialized, so an operator's update or a stuck session): claim again
+                    # shortly, a bounded number of times, then leave the rows to the sweep
+                    # rather than spin.
+                    now = time.monotonic()
+                    contended_since = now if contended_since is None else contended_since
+                    if now - contended_since >= CONTENTION_BUDGET_SECONDS or now >= deadline:
+                        total.exhausted = True  # nothing a new kick could do sooner
+                        break
+                    time.sleep(random.uniform(*CONTENTION_PAUSE_SECONDS))
+                    current = claim()
+                    continue
+                contended_since = None
+                if not current.started:
+                    self._start(current, set())
+                ahead = None
+                if current.more and time.monotonic() < deadline:
+                    ahead = claim(following=current.token)
+                self._finish(current)
+                # The claim ahead took time out of the margin kept for recording: the lease
+                # must still outlive the writes, or another relay could publish the rows again.
+                lost = current.lease is not None and not current.lease.ensure()
                 if ahead is not None:
-                    total.add(self._record(ahead))
-                # Rows were published since the last claim that came back short, and the rows
-                # of their keys committed meanwhile are held back for this relay's next claim:
-                # that claim is now owed to a new task.
-                total.exhausted = False
-                break
-            current = ahead
+                    if lost:
+                        # Our earlier rows were (or may be) taken over: the next ones could
+                        # overtake them now. Give them back unpublished.
+                        ahead.released.extend(ahead.events)
+                        ahead.events = []
+                    elif ahead.report.claimed:
+                        # publishes while this pass is recorded
+                        self._start(ahead, current.failing_keys())
+                record(current)
+                if lost:
+                    if ahead is not None:
+                        record(ahead)
+                    total.exhausted = False  # the rows given back are owed to a new task
+                    break
+                if ahead is not None and ahead.report.claimed:
+                    current = ahead
+                    continue
+                if ahead is not None:
+                    record(ahead)
+                if time.monotonic() >= deadline:
+                    total.exhausted = False
+                    break
+                current = claim()
+        except BaseException:
+            self._abandon(unrecorded)
+            raise
         return total
 
     def sweep(self, *, max_seconds: float = 10.0) -> RelayReport:
@@ -337,7 +389,11 @@ class Relay:
             exhausted=not claim.more and not claim.contended,
         )
         current = _Pass(
-            report=report, token=claim.token, started_at=claim_started, claimed_at=time.monotonic()
+            report=report,
+            token=claim.token,
+            started_at=claim_started,
+            claimed_at=time.monotonic(),
+            more=claim.more,
         )
         if report.exhausted:
             # Assigned, not max(): a wall clock stepped back must not leave it in the future.
@@ -369,34 +425,65 @@ class Relay:
         return current
 
     def _start(self, current: _Pass, blocked: set[str]) -> None:
-        """Start publishing a pass in its lanes; rows of ``blocked`` keys are released."""
+        """Start publishing a pass in its lanes.
+
+        Rows of ``blocked`` keys (an earlier row failed transiently after this pass was claimed)
+        are given back at once, before the next claim: it must find them pending, ahead of
+        their key's later rows, whether the failed row now waits for a retry or was dead-lettered.
+        """
         current.started = True
         current.publish_started_at = time.monotonic()
         live: list[ClaimedEvent] = []
+        held: list[ClaimedEvent] = []
         for ev in current.events:
-            (current.released if ev.ordering_key in blocked else live).append(ev)
+            (held if ev.ordering_key in blocked else live).append(ev)
+        if held:
+            current.report.released += self.store.release(held)
         lease = current.lease
         assert lease is not None
         current.futures = [
             self._pool.submit(self._publish_lane, lane, lease) for lane in self._lanes(live)
         ]
 
-    def _finish(self, current: _Pass, blocked: set[str]) -> None:
-        """Wait for a pass's lanes; add the keys that failed transiently to ``blocked``."""
+    def _finish(self, current: _Pass) -> None:
+        """Wait for every lane of a pass and collect what they did."""
         for future in current.futures:
-            result = future.result()
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - lanes catch everything; belt and braces
+                logger.error(
+                    "outbox publishing lane failed; its rows return when their lease expires",
+                    extra={"error_class": type(exc).__name__},
+                )
+                continue
             current.sent.extend(result.sent)
             current.released.extend(result.released)
             current.failed.extend(result.failed)
             current.report.requests += result.requests
         current.futures = []
-        blocked.update(ev.ordering_key for ev, error in current.failed if error.transient)
         current.published_at = time.monotonic()
         if current.lease is not None and current.lease.lost:
             logger.warning(
                 "outbox lease taken over during a pass; stopped publishing its rows",
                 extra={"rows": len(current.events)},
             )
+
+    def _abandon(self, passes: Sequence[_Pass]) -> None:
+        """After an error: wait for the lanes and write what is known, as far as possible."""
+        for done in list(passes):
+            if done.futures:
+                self._finish(done)
+            if not done.started:
+                done.released.extend(done.events)
+                done.events = []
+            try:
+                self._record(done)
+            except Exception as exc:  # noqa: BLE001 - the original error is what propagates
+                logger.warning(
+                    "outbox could not record a pass after an error; its rows return to the "
+                    "queue when their lease expires",
+                    extra={"error_class": type(exc).__name__, "rows": done.report.claimed},
+                )
 
     def _record(self, current: _Pass) -> RelayReport:
         """Write a finished pass's outcomes; returns its report."""
@@ -413,7 +500,7 @@ class Relay:
         report.sent = len(sent)
         report.sent_events = sent
         report.lost_leases += len(sent) - owned
-        report.released = self.store.release(current.released)
+        report.released += self.store.release(current.released)
         self.store.record_failures(failures)
         report.dead = sum(1 for f in failures if f.retry_in_seconds is None)
         report.retried = len(failures) - report.dead
@@ -518,6 +605,20 @@ class Relay:
                     result.failed.append((ev, error))
                     if error.transient:
                         blocked.add(ev.ordering_key)
+            except Exception as exc:  # noqa: BLE001 - a bug must not lose the lane's other results
+                # Delivery unknown: charge an attempt (retried with backoff, dead-lettered in
+                # the end) rather than loop on it. The class only: texts may carry data.
+                logger.error(
+                    "outbox publisher raised an unexpected error",
+                    extra={"error_class": type(exc).__name__},
+                )
+                self.observer.request(len(chunk), time.perf_counter() - started, None)
+                unexpected = TransientPublishError(
+                    f"unexpected {type(exc).__name__} while publishing; delivery unknown"
+                )
+                for ev in chunk:
+                    result.failed.append((ev, unexpected))
+                    blocked.add(ev.ordering_key)
             else:
                 self.observer.request(len(chunk), time.perf_counter() - started, 200)
                 result.sent.extend(chunk)

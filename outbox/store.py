@@ -660,7 +660,16 @@ class Store:
         # (with those of a small table, ``id IN (…)`` became a hash join over the whole key).
         locked = (
             sa.select(e.c.id, e.c.ordering_key)
-            .where(e.c.id == sa.any_(sa.func.array(sa.select(chosen.c.id).scalar_subquery())))
+            .where(
+                e.c.id == sa.any_(sa.func.array(sa.select(chosen.c.id).scalar_subquery())),
+                # Still pending, rechecked on the newest version of a row another transaction
+                # changed meanwhile (READ COMMITTED rechecks this WHERE): a row the sweep just
+                # expired stays expired. Said as "not leased, not finished" rather than
+                # ``status = 'pending'``, which would let the planner trade the primary key for
+                # a scan of a partial index on pending rows.
+                e.c.lease_token.is_(None),
+                e.c.finished_at.is_(None),
+            )
             .with_for_update(skip_locked=True, of=e)
             .cte("locked")
         )

@@ -601,3 +601,150 @@ def test_a_drain_stops_retrying_a_claim_held_up_by_a_stuck_transaction(engine, d
     assert 5 < len(claims) < 1000
     assert report.exhausted and report.sent == 0  # left to the sweep: no self-kick loop
     assert relay.caught_up_at == 0.0  # and kicks are not skipped on its account
+
+
+# --- the overlapping drain (claim ahead while publishing) ----------------------------------
+
+
+def published_ids(fake):
+    return [json.loads(e.data)["id"] for e in fake.published]
+
+
+def test_rows_committed_while_a_drains_last_pass_publishes_are_delivered_by_that_drain(engine):
+    """A kick's claim passes over rows of a key this relay holds; the relay must claim again
+    after recording, or those rows wait for the sweep."""
+    outbox = make_outbox()
+    pharmacy = new_opaque_id("pha")
+    [first] = enqueue_created(outbox, engine, pharmacy)
+    later = []
+
+    class CommitsWhilePublishing(FakePublisher):
+        def publish_batch(self, events):
+            super().publish_batch(events)
+            if not later:
+                later.extend(enqueue_created(outbox, engine, pharmacy))
+                # another relay's kick claims now: the key is held by our lease, nothing for it
+                assert Store(engine).claim(limit=10, lease_seconds=30).events == []
+
+    fake = CommitsWhilePublishing()
+    report = Relay(store=Store(engine), publisher=fake).drain(max_seconds=5)
+    assert published_ids(fake) == [first.event_id, later[0].event_id]
+    assert report.exhausted and report.sent == 2
+    assert {r.status for r in rows(engine).values()} == {"sent"}
+
+
+@pytest.mark.parametrize("attempts", [1, 3], ids=["dead-lettered", "retried"])
+def test_a_key_failing_mid_drain_resumes_in_order_in_the_same_drain(engine, attempts):
+    """Rows of a failing key claimed ahead are given back at once; once the failure is
+    recorded (dead, or waiting for a retry), the key carries on in order, not at the drain's
+    end."""
+    outbox = make_outbox()
+    batch = enqueue_created(outbox, engine, new_opaque_id("pha"), n=6)
+    fake = FakePublisher(script=[TransientPublishError("HTTP 503 from Pusher: server error")])
+    relay = Relay(
+        store=Store(engine),
+        publisher=fake,
+        claim_batch_size=2,  # claims r1 r2, then r3 r4 ahead while r1 r2 fail
+        retry_policy=RetryPolicy(
+            max_attempts=attempts, base_delay_seconds=0.001, max_delay_seconds=0.002
+        ),
+    )
+    started = time.monotonic()
+    report = relay.drain(max_seconds=10)
+    deadline = time.monotonic() + 5
+    while attempts > 1 and not report.exhausted and time.monotonic() < deadline:
+        report = relay.drain(max_seconds=10)  # a retry that fell due after the last claim
+    took = time.monotonic() - started
+    ids = [e.event_id for e in batch]
+    table = rows(engine)
+    if attempts == 1:
+        assert published_ids(fake) == ids[2:]
+        assert [table[e.id].status for e in batch] == ["dead"] * 2 + ["sent"] * 4
+    else:
+        assert published_ids(fake) == ids
+        assert {table[e.id].status for e in batch} == {"sent"}
+    # no row claimed ahead was charged an attempt for being given back
+    assert [table[e.id].attempts for e in batch[2:]] == [1] * 4
+    assert took < 5  # not stalled until the drain's deadline
+
+
+def test_an_error_mid_drain_records_what_was_published_before_it_propagates(engine):
+    outbox = make_outbox()
+    batch = enqueue_created(outbox, engine, new_opaque_id("pha"), n=4)
+    store = Store(engine)
+    real_claim = store.claim
+
+    def failing_ahead(**kw):
+        if kw.get("following"):
+            raise sa.exc.OperationalError("claim", {}, Exception("connection lost"))
+        return real_claim(**kw)
+
+    store.claim = failing_ahead
+    fake = FakePublisher()
+    relay = Relay(store=store, publisher=fake, claim_batch_size=2)
+    with pytest.raises(sa.exc.OperationalError):
+        relay.drain(max_seconds=5)
+    table = rows(engine)
+    assert published_ids(fake) == [e.event_id for e in batch[:2]]
+    # published rows are recorded sent (not left leased to be published again)
+    assert [table[e.id].status for e in batch] == ["sent", "sent", "pending", "pending"]
+
+
+def test_an_unexpected_publisher_error_is_charged_as_unknown_and_other_keys_go_on(engine):
+    outbox = make_outbox()
+    broken_pharmacy = new_opaque_id("pha")
+    broken = enqueue_created(outbox, engine, broken_pharmacy, n=2)
+    others = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2)
+
+    def bug(event):
+        if broken_pharmacy in event.channel:
+            raise ValueError(f"bad value {CANARY}")  # a bug; its text may carry data
+        return None
+
+    fake = FakePublisher(fail_for=bug)
+    report = Relay(store=Store(engine), publisher=fake).drain(max_seconds=5)
+    table = rows(engine)
+    assert [table[e.id].status for e in others] == ["sent", "sent"]
+    head = table[broken[0].id]
+    assert head.status == "pending" and head.attempts == 1
+    assert head.last_error.startswith("unexpected ValueError while publishing; delivery unknown")
+    assert CANARY not in head.last_error and CANARY not in (head.attempt_log or "")
+    assert report.sent == 2 and report.retried == 2
+
+
+def test_a_lease_that_lapsed_while_claiming_ahead_is_not_overtaken(engine):
+    """The claim ahead sits between the last request and the record: when the lease lapsed
+    meanwhile and the rows were taken back, the rows claimed ahead are given back unpublished
+    instead of going out before the earlier rows are published again."""
+    outbox = make_outbox()
+    batch = enqueue_created(outbox, engine, new_opaque_id("pha"), n=4)
+    store = Store(engine)
+    real_claim = store.claim
+
+    def slow_ahead(**kw):
+        claimed = real_claim(**kw)
+        if kw.get("following"):
+            store.extend_lease(claimed.token, lease_seconds=30)  # only the earlier lease lapses
+            time.sleep(1.8)  # longer than the 1.5 s lease of the rows being published
+            assert Store(engine).reclaim_expired_leases() == 2  # another worker's sweep
+        return claimed
+
+    store.claim = slow_ahead
+    fake = FakePublisher()
+    relay = Relay(
+        store=store,
+        publisher=fake,
+        claim_batch_size=2,
+        lease_seconds=1.5,
+        publish_timeout_seconds=0.5,
+    )
+    report = relay.drain(max_seconds=10)
+    assert not report.exhausted  # the rows given back are owed to a new task
+    store.claim = real_claim
+    relay.drain(max_seconds=10)
+    ids = published_ids(fake)
+    first_two = [e.event_id for e in batch[:2]]
+    # r1 r2 went out, were taken back and went out again; r3 only after their last time
+    last_of_first = max(len(ids) - 1 - ids[::-1].index(i) for i in first_two)
+    assert ids.index(batch[2].event_id) > last_of_first
+    assert {r.status for r in rows(engine).values()} == {"sent"}
