@@ -23,9 +23,12 @@ import base64
 import email.utils
 import functools
 import json
+import os
 import time
+import urllib.parse
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import nacl.secret
@@ -36,7 +39,12 @@ import urllib3
 from pusher import crypto
 from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
-from outbox.errors import PermanentPublishError, PublishError, TransientPublishError
+from outbox.errors import (
+    ConfigurationError,
+    PermanentPublishError,
+    PublishError,
+    TransientPublishError,
+)
 from outbox.policy import ENCRYPTED_PREFIX
 
 MAX_BATCH_EVENTS = 10  # Pusher's limit for one batch request
@@ -164,8 +172,13 @@ def translate_exception(exc: BaseException) -> PublishError:
         return exc
     # urllib3 (what the relay's backend sends with). NewConnectionError is a subclass of
     # ConnectTimeoutError: a refused or unresolvable host is "could not reach", not a timeout.
-    if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ProxyError):
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
         return TransientPublishError("connection error: could not reach Pusher")
+    if isinstance(exc, urllib3.exceptions.ProxyError):
+        return TransientPublishError(
+            "proxy error: could not reach Pusher through the proxy "
+            "(check HTTPS_PROXY/HTTP_PROXY/ALL_PROXY and NO_PROXY)"
+        )
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         return TransientPublishError("timeout: could not connect to Pusher in time; will retry")
     if isinstance(exc, urllib3.exceptions.TimeoutError):
@@ -180,6 +193,8 @@ def translate_exception(exc: BaseException) -> PublishError:
         )
     if isinstance(exc, urllib3.exceptions.HTTPError):
         return TransientPublishError(f"HTTP client error ({type(exc).__name__})")
+    if isinstance(exc, requests.ConnectTimeout):
+        return TransientPublishError("timeout: could not connect to Pusher in time; will retry")
     if isinstance(exc, requests.Timeout):
         return TransientPublishError(
             "timeout: Pusher did not answer in time; delivery unknown, will retry"
@@ -212,57 +227,169 @@ def _leading_status(text: str) -> int:
     return int(head) if head.isdigit() else 500
 
 
-# Connections kept per host: one per publishing lane is enough; more lanes than this open
-# extra connections and close them after use instead of waiting for a free one.
-POOL_CONNECTIONS = 16
+# Proxy schemes urllib3 speaks itself, and those it speaks once its SOCKS extra is installed.
+HTTP_PROXY_SCHEMES = frozenset({"http", "https"})
+SOCKS_PROXY_SCHEMES = frozenset({"socks4", "socks4a", "socks5", "socks5h"})
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+@dataclass(frozen=True)
+class _Proxy:
+    """The proxy chosen for a publisher's host. ``url`` carries no credentials."""
+
+    variable: str  # the environment variable it came from, named in error texts
+    scheme: str
+    url: str
+    username: str
+    password: str = field(repr=False)
+
+
+def _proxy_for(url: str) -> _Proxy | None:
+    """The proxy ``requests`` would use for ``url``, read from the environment, or ``None``.
+
+    As ``requests`` does: ``NO_PROXY`` first (``get_environ_proxies`` gives nothing for a host it
+    covers), then the first of ``scheme://host``, ``scheme``, ``all://host``, ``all``
+    (``select_proxy``), so ``HTTPS_PROXY``/``HTTP_PROXY`` win over ``ALL_PROXY``. A proxy URL
+    without ``://`` is read as ``http://`` (``requests`` means to, but misreads ``proxy:3128``
+    as a scheme when the host has no dot). Credentials in the URL are percent-decoded
+    (``get_auth_from_url``). Raises :class:`ConfigurationError` naming the variable, never its
+    value, when the URL cannot be used.
+    """
+    proxies = requests.utils.get_environ_proxies(url)
+    parts = urllib.parse.urlsplit(url)
+    keys = (f"{parts.scheme}://{parts.hostname}", parts.scheme, f"all://{parts.hostname}", "all")
+    key = next((key for key in keys if proxies.get(key)), None)
+    if key is None:
+        return None
+    lowercase = f"{key}_proxy"  # urllib's getproxies prefers the lowercase variable
+    variable = lowercase if os.environ.get(lowercase) else lowercase.upper()
+    raw = proxies[key]
+    if "://" not in raw:
+        raw = f"http://{raw}"
+    usage = (
+        "set it to http://[user:password@]host:port (or https://...; socks4://, socks5:// "
+        "and socks5h:// need urllib3[socks] installed), or unset it"
+    )
+    try:
+        parsed = urllib3.util.parse_url(raw)
+    except urllib3.exceptions.LocationValueError:
+        raise ConfigurationError(f"{variable}: not a valid proxy URL; {usage}") from None
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in HTTP_PROXY_SCHEMES | SOCKS_PROXY_SCHEMES:
+        raise ConfigurationError(f"{variable}: unsupported proxy scheme; {usage}")
+    if scheme in SOCKS_PROXY_SCHEMES and _socks_proxy_manager() is None:
+        raise ConfigurationError(
+            f"{variable}: SOCKS proxy but urllib3's SOCKS support is not installed; "
+            f"install urllib3[socks] or {usage}"
+        )
+    if not parsed.host:
+        raise ConfigurationError(f"{variable}: the proxy URL has no host; {usage}")
+    username, password = requests.utils.get_auth_from_url(raw)
+    return _Proxy(
+        variable=variable,
+        scheme=scheme,
+        url=parsed._replace(scheme=scheme, auth=None).url,
+        username=username,
+        password=password,
+    )
+
+
+def _proxy_headers(proxy: _Proxy) -> dict[str, str]:
+    """``Proxy-Authorization`` from the proxy URL's credentials, built as ``requests`` builds it:
+    Basic, Latin-1, and nothing when the URL has no user name."""
+    if not proxy.username:
+        return {}
+    try:
+        return urllib3.make_headers(proxy_basic_auth=f"{proxy.username}:{proxy.password}")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{proxy.variable}: the proxy user name and password must be Latin-1 text, as "
+            "Basic authentication sends them; use credentials without other characters"
+        ) from None
+
+
+def _socks_proxy_manager() -> type[urllib3.PoolManager] | None:
+    """urllib3's ``SOCKSProxyManager`` if PySocks is installed (as ``requests`` imports it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", urllib3.exceptions.DependencyWarning)
+        try:
+            from urllib3.contrib.socks import SOCKSProxyManager
+        except ImportError:
+            return None
+    return SOCKSProxyManager
+
+
+def _tls_from_environment() -> dict[str, Any]:
+    """Certificate checks as ``requests`` sets them up: ``REQUESTS_CA_BUNDLE``, else
+    ``CURL_CA_BUNDLE``; a directory goes to ``ca_cert_dir``, a file to ``ca_certs``; neither set
+    means certifi's bundle. A path that names nothing is a :class:`ConfigurationError` now rather
+    than an error on every request."""
+    variable = next((name for name in CA_BUNDLE_VARIABLES if os.environ.get(name)), None)
+    if variable is None:
+        return {"cert_reqs": "CERT_REQUIRED", "ca_certs": DEFAULT_CA_BUNDLE_PATH}
+    location = os.environ[variable]
+    if os.path.isdir(location):
+        return {"cert_reqs": "CERT_REQUIRED", "ca_cert_dir": location}
+    if os.path.isfile(location):
+        return {"cert_reqs": "CERT_REQUIRED", "ca_certs": location}
+    raise ConfigurationError(
+        f"{variable} names no file or directory; point it at a PEM bundle or a directory of "
+        "hashed certificates (c_rehash), or unset it to use certifi's bundle"
+    )
 
 
 class _Backend:
     """An HTTP backend for the SDK that reads status, body and headers.
 
     The SDK builds and signs every request (right before it is sent); this backend sends it with
-    ``urllib3``: one thread-safe connection pool per publisher, connections reused where the
-    server allows it, no redirects, no automatic retries (the relay decides), and every error
-    translated into a payload-free :class:`PublishError`. ``urllib3`` rather than ``requests``
-    (the SDK's default): ``requests`` costs about as much CPU per request again as everything
-    else the relay does to publish it (0.76 vs 0.41 ms per request of 10 encrypted events,
-    measured against soketi), and it is the relay's hottest path.
+    ``urllib3``: one thread-safe connection pool per publisher keeping ``max_connections``
+    connections (one per publishing lane), connections reused where the server allows it, no
+    redirects, no automatic retries (the relay decides), and every error translated into a
+    payload-free :class:`PublishError`. ``urllib3`` rather than ``requests`` (the SDK's default):
+    ``requests`` costs about as much CPU per request again as everything else the relay does to
+    publish it (0.76 vs 0.41 ms per request of 10 encrypted events, measured against soketi), and
+    it is the relay's hottest path.
 
-    The environment is honoured as ``requests`` reads it (``HTTPS_PROXY``/``HTTP_PROXY``,
-    ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``, else certifi's bundle), once, when the
-    publisher is built.
+    The environment is honoured as ``requests`` reads it, once, when the publisher is built (its
+    host never changes): the proxy from ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` unless
+    ``NO_PROXY`` covers the host, with the URL's credentials sent as ``Proxy-Authorization``
+    (see :func:`_proxy_for`), and the CA bundle (see :func:`_tls_from_environment`).
     """
 
-    def __init__(self, client: Any, **options: Any) -> None:
+    def __init__(self, client: Any, *, max_connections: int = 4, **options: Any) -> None:
         self.client = client
         scheme = "https" if client.ssl else "http"
-        url = f"{scheme}://{client.host}:{client.port}/"
-        environment = requests.Session().merge_environment_settings(url, {}, None, None, None)
-        self.proxy: str | None = (environment.get("proxies") or {}).get(scheme)
-        verify = environment.get("verify", True)
-        self.ca_certs: str | None = None
+        proxy = _proxy_for(f"{scheme}://{client.host}:{client.port}/")
+        self.proxy: str | None = proxy.url if proxy else None
         tls: dict[str, Any] = {}
-        if client.ssl:
-            if verify is False:
-                tls["cert_reqs"] = "CERT_NONE"
-            else:
-                self.ca_certs = verify if isinstance(verify, str) else DEFAULT_CA_BUNDLE_PATH
-                tls.update(cert_reqs="CERT_REQUIRED", ca_certs=self.ca_certs)
-        timeout = urllib3.Timeout(connect=client.timeout, read=client.timeout)
+        if client.ssl or (proxy is not None and proxy.scheme == "https"):
+            tls = _tls_from_environment()
+        self.ca_certs: str | None = tls.get("ca_certs")
+        self.ca_cert_dir: str | None = tls.get("ca_cert_dir")
         common: dict[str, Any] = {
             "num_pools": 4,
-            "maxsize": POOL_CONNECTIONS,
+            "maxsize": max_connections,
             "block": False,
             "retries": False,
-            "timeout": timeout,
+            "timeout": urllib3.Timeout(connect=client.timeout, read=client.timeout),
             **tls,
             **options,
         }
-        self.pool: Any = (
-            urllib3.ProxyManager(self.proxy, **common)
-            if self.proxy
-            else urllib3.PoolManager(**common)
-        )
+        self.pool: urllib3.PoolManager
+        if proxy is None:
+            self.pool = urllib3.PoolManager(**common)
+        elif proxy.scheme in SOCKS_PROXY_SCHEMES:
+            socks_manager: Any = _socks_proxy_manager()
+            self.pool = socks_manager(
+                proxy.url,
+                username=proxy.username or None,
+                password=proxy.password or None,
+                **common,
+            )
+        else:
+            self.pool = urllib3.ProxyManager(
+                proxy.url, proxy_headers=_proxy_headers(proxy), **common
+            )
 
     def send_request(self, request: Any) -> Any:
         try:
@@ -321,7 +448,11 @@ class _Sealer:
 
 
 class PusherPublisher:
-    """Publishes batches with the official SDK. One instance per process (it holds a session)."""
+    """Publishes batches with the official SDK. One instance per process (it holds a pool).
+
+    ``publish_concurrency`` is how many batches are published at once (the relay's lanes); the
+    connection pool keeps that many connections to Pusher, so no lane waits for or reopens one.
+    """
 
     def __init__(
         self,
@@ -335,7 +466,10 @@ class PusherPublisher:
         ssl: bool = True,
         encryption_master_key: bytes | None = None,
         timeout_seconds: float = 5.0,
+        publish_concurrency: int = 4,
     ) -> None:
+        if publish_concurrency < 1:
+            raise ValueError("publish_concurrency must be at least 1")
         options: dict[str, Any] = {
             "app_id": app_id,
             "key": key,
@@ -343,6 +477,7 @@ class PusherPublisher:
             "ssl": ssl,
             "timeout": timeout_seconds,
             "backend": _Backend,
+            "max_connections": publish_concurrency,  # handed to _Backend by the SDK
         }
         if encryption_master_key is not None:
             # The client also answers channel authorization (shared_secret for encrypted channels).
@@ -369,6 +504,7 @@ class PusherPublisher:
             ssl=settings.pusher_scheme == "https",
             encryption_master_key=settings.encryption_master_key,
             timeout_seconds=settings.publish_timeout_seconds,
+            publish_concurrency=settings.publish_concurrency,
         )
 
     @property
