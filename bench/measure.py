@@ -224,4 +224,5 @@ def analyze(
         unknown=unknown,
         undecrypted=undecrypted,
         order_violations=order_violations,
+        extra={"first_receipt_at": start, "last_receipt_at": end},
     )
