@@ -598,17 +598,27 @@ class Store:
         # whatever the statistics say. (With statistics of a near-empty table, the planner
         # otherwise found waiting rows by reading every pending row through the due index.)
         g, w = events.alias("holding"), events.alias("waiting")
+        waiting = (
+            sa.select(w.c.ordering_key, w.c.id)
+            .where(_is(w.c.status, Status.PENDING), w.c.available_at > now)
+            .order_by(w.c.available_at)
+            .subquery("waiting_rows")
+        )
+        waiting_keys = (
+            sa.select(
+                waiting.c.ordering_key.label("ordering_key"),
+                sa.func.min(waiting.c.id).label("first_id"),
+            )
+            .group_by(waiting.c.ordering_key)
+            .cte("waiting_keys")
+        )
         holders = sa.union_all(
             sa.select(g.c.ordering_key, g.c.id)
             .where(_is(g.c.status, Status.IN_FLIGHT), g.c.lease_token != following)
             .order_by(g.c.lease_expires_at)
             .subquery("holding_rows")
             .select(),
-            sa.select(w.c.ordering_key, w.c.id)
-            .where(_is(w.c.status, Status.PENDING), w.c.available_at > now)
-            .order_by(w.c.available_at)
-            .subquery("waiting_rows")
-            .select(),
+            sa.select(waiting_keys.c.ordering_key, waiting_keys.c.first_id),
         ).subquery("holders")
         held = (
             sa.select(
@@ -619,6 +629,7 @@ class Store:
             .cte("held")
         )
         h = held.alias("held_key")
+        wk = waiting_keys.alias("waiting_key")
         # A row of a held key is claimable only when it is older than the key's first holder
         # (rows committed out of id order): NOT IN over the held keys is one hash probe per row,
         # and the correlated comparison runs only for rows of held keys.
@@ -626,11 +637,21 @@ class Store:
         # ``view`` of them: the cost of a claim does not grow with the backlog.
         # (SQLite must be told which index: with statistics gathered while most rows were
         # pending it scans the table in rowid order instead, from its oldest sent row.)
-        # The walk reads at most ``scan`` due rows (see CLAIM_SCAN_FACTOR), held or not.
+        # The walk reads at most ``scan`` due rows (see CLAIM_SCAN_FACTOR) of keys that are
+        # leased or free. Rows of a key waiting for a retry are passed over by the walk itself:
+        # no relay will move them before the retry is due (minutes, with backoff), so they must
+        # not fill the window and hold every other key up meanwhile.
         d = _DueIndexed._construct(events, name="due")
+        not_waiting = sa.or_(
+            d.c.ordering_key.not_in(sa.select(waiting_keys.c.ordering_key)),
+            d.c.id
+            < sa.select(wk.c.first_id)
+            .where(wk.c.ordering_key == d.c.ordering_key)
+            .scalar_subquery(),
+        )
         front = (
             sa.select(d.c.id, d.c.ordering_key)
-            .where(_is(d.c.status, Status.PENDING), d.c.available_at <= now)
+            .where(_is(d.c.status, Status.PENDING), d.c.available_at <= now, not_waiting)
             .order_by(d.c.id)
             .limit(sa.bindparam("scan", type_=sa.Integer()))
             .subquery("front")

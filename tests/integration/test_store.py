@@ -313,3 +313,30 @@ def test_a_claim_reads_a_bounded_window_when_every_key_in_front_is_held(engine):
     assert sorted(claimed) == sorted(front[limit:] + behind)
     assert [i for i in claimed if i in behind] == behind  # each key in order
     assert [i for i in claimed if i in front] == front[limit:]
+
+
+def test_rows_behind_a_retry_do_not_fill_the_window_and_hold_other_keys_up(engine):
+    """A key waiting minutes for a retry, with a long backlog behind its failed row: the walk
+    passes over that backlog, so the other keys' rows are claimed now, not after the retry."""
+    from outbox.store import Failure
+
+    store = Store(engine)
+    failing, healthy = new_opaque_id("pha"), new_opaque_id("pha")
+    limit = 5
+    [head] = enqueue_round_robin(engine, [failing], 1)[failing]
+    failed = store.claim(limit=limit, lease_seconds=30).events
+    assert [ev.id for ev in failed] == [head]
+    store.record_failures([Failure(failed[0], "HTTP 503 from Pusher: server error", 300.0, 503)])
+    stuck = enqueue_round_robin(engine, [failing], limit * CLAIM_SCAN_FACTOR + 20)[failing]
+    behind = enqueue_round_robin(engine, [healthy], 3)[healthy]
+    claim = store.claim(limit=limit, lease_seconds=30)
+    assert [ev.id for ev in claim.events] == behind
+    assert not claim.contended
+    # the failing key's rows stay where they are, behind their waiting head
+    with engine.connect() as conn:
+        statuses = dict(
+            conn.execute(
+                sa.select(events.c.id, events.c.status).where(events.c.id.in_([head, *stuck]))
+            ).all()
+        )
+    assert set(statuses[i] for i in stuck) == {"pending"} and statuses[head] == "pending"
