@@ -126,6 +126,15 @@ def classify(status: int, body: str, headers: Any = None) -> PublishError | None
             "HTTP 404 from Pusher: unknown app or path (check PUSHER_APP_ID and the host)",
             status=code,
         )
+    if code == 407:
+        # The proxy in between refused us (a forwarding proxy answers plain-HTTP requests
+        # itself): nothing is wrong with the event, so keep it and retry while it is fixed.
+        return TransientPublishError(
+            "HTTP 407 from the proxy: proxy authentication required (check the credentials in "
+            "HTTPS_PROXY/HTTP_PROXY/ALL_PROXY)",
+            status=code,
+            retry_after_seconds=retry_after,
+        )
     if code == 413:
         return PermanentPublishError("HTTP 413 from Pusher: event data too large", status=code)
     if code == 400:
@@ -240,7 +249,7 @@ class _Proxy:
     variable: str  # the environment variable it came from, named in error texts
     scheme: str
     url: str
-    username: str
+    username: str = field(repr=False)
     password: str = field(repr=False)
 
 

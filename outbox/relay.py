@@ -257,13 +257,14 @@ class Relay:
 
     def run_once(self) -> RelayReport:
         """Claim one batch and deliver it. Returns what happened."""
-        current = self._claim()
+        opened: list[_Pass] = []
         try:
+            current = self._claim(opened=opened)
             if current.report.claimed:
                 self._start(current, set())
                 self._finish(current)
         except BaseException:
-            self._abandon([current])
+            self._abandon(opened)
             raise
         return self._record(current)
 
@@ -288,9 +289,7 @@ class Relay:
         unrecorded: list[_Pass] = []  # claimed, outcomes not written yet
 
         def claim(following: str | None = None) -> _Pass:
-            claimed = self._claim(following)
-            unrecorded.append(claimed)
-            return claimed
+            return self._claim(following, opened=unrecorded)
 
         def record(done: _Pass) -> None:
             unrecorded.remove(done)  # first: a pass whose recording failed is not retried
@@ -324,7 +323,11 @@ class Relay:
                 self._finish(current)
                 # The claim ahead took time out of the margin kept for recording: the lease
                 # must still outlive the writes, or another relay could publish the rows again.
-                lost = current.lease is not None and not current.lease.ensure()
+                lost = (
+                    bool(current.events)  # rows were published under this lease
+                    and current.lease is not None
+                    and not current.lease.ensure()
+                )
                 if ahead is not None:
                     if lost:
                         # Our earlier rows were (or may be) taken over: the next ones could
@@ -372,8 +375,12 @@ class Relay:
 
     # --- internals -----------------------------------------------------------------------
 
-    def _claim(self, following: str | None = None) -> _Pass:
-        """Claim a batch (see :meth:`Store.claim` for ``following``) and sort it out."""
+    def _claim(self, following: str | None = None, *, opened: list[_Pass]) -> _Pass:
+        """Claim a batch (see :meth:`Store.claim` for ``following``) and sort it out.
+
+        The pass joins ``opened`` as soon as it exists, before any other database work, so
+        that an error from here on still finds its rows to give back.
+        """
         claim_started = time.monotonic()  # the lease counts from no later than this
         claim_started_wall = time.time()
         claim = self.store.claim(
@@ -395,6 +402,7 @@ class Relay:
             claimed_at=time.monotonic(),
             more=claim.more,
         )
+        opened.append(current)
         if report.exhausted:
             # Assigned, not max(): a wall clock stepped back must not leave it in the future.
             self.caught_up_at = claim_started_wall
@@ -411,7 +419,11 @@ class Relay:
                 )
             else:
                 current.events.append(ev)
-        expired_now = self.store.expire(late)
+        try:
+            expired_now = self.store.expire(late)
+        except BaseException:
+            current.released.extend(late)  # given back with the rest by the caller's cleanup
+            raise
         report.expired += expired_now
         if expired_now:
             self.observer.expired(expired_now, [ev.type_name for ev in late])
@@ -431,7 +443,6 @@ class Relay:
         are given back at once, before the next claim: it must find them pending, ahead of
         their key's later rows, whether the failed row now waits for a retry or was dead-lettered.
         """
-        current.started = True
         current.publish_started_at = time.monotonic()
         live: list[ClaimedEvent] = []
         held: list[ClaimedEvent] = []
@@ -444,10 +455,12 @@ class Relay:
         current.futures = [
             self._pool.submit(self._publish_lane, lane, lease) for lane in self._lanes(live)
         ]
+        current.started = True  # only now: an error before this gives every row back
 
     def _finish(self, current: _Pass) -> None:
         """Wait for every lane of a pass and collect what they did."""
-        for future in current.futures:
+        while current.futures:  # taken off as collected: an interrupted wait is resumed once
+            future = current.futures.pop(0)
             try:
                 result = future.result()
             except Exception as exc:  # noqa: BLE001 - lanes catch everything; belt and braces
@@ -460,7 +473,6 @@ class Relay:
             current.released.extend(result.released)
             current.failed.extend(result.failed)
             current.report.requests += result.requests
-        current.futures = []
         current.published_at = time.monotonic()
         if current.lease is not None and current.lease.lost:
             logger.warning(

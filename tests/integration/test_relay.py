@@ -748,3 +748,21 @@ def test_a_lease_that_lapsed_while_claiming_ahead_is_not_overtaken(engine):
     last_of_first = max(len(ids) - 1 - ids[::-1].index(i) for i in first_two)
     assert ids.index(batch[2].event_id) > last_of_first
     assert {r.status for r in rows(engine).values()} == {"sent"}
+
+
+def test_an_error_right_after_a_claim_gives_its_rows_back(engine):
+    outbox = make_outbox()
+    late = enqueue_created(outbox, engine, new_opaque_id("pha"), n=2, ttl_seconds=0.05)
+    time.sleep(0.2)  # overdue: the relay expires them right after its claim
+    store = Store(engine)
+
+    def broken_expire(claimed):
+        raise sa.exc.OperationalError("expire", {}, Exception("connection lost"))
+
+    store.expire = broken_expire
+    with pytest.raises(sa.exc.OperationalError):
+        Relay(store=store, publisher=FakePublisher()).drain(max_seconds=5)
+    table = rows(engine)
+    # not left leased to block their key until the lease runs out
+    assert [table[e.id].status for e in late] == ["pending", "pending"]
+    assert [table[e.id].attempts for e in late] == [0, 0]

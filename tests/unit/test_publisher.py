@@ -66,6 +66,8 @@ def no_proxy_or_ca_bundle_from_the_machine(monkeypatch):
         (403, "App disabled", {}, PermanentPublishError, None),
         (404, "", {}, PermanentPublishError, None),
         (413, "", {}, PermanentPublishError, None),
+        # a forwarding proxy refusing a plain-HTTP request: keep the event, retry
+        (407, "Proxy Authentication Required", {}, TransientPublishError, None),
         (418, "", {}, PermanentPublishError, None),
     ],
 )
@@ -75,6 +77,8 @@ def test_every_answer_maps_to_one_outcome(status, body, headers, expected, retry
         assert error is None
         return
     assert type(error) is expected
+    if status == 407:
+        assert "HTTPS_PROXY" in error.reason
     assert error.retry_after_seconds == retry_after
     assert body[:20] not in error.reason or not body  # reasons are fixed texts
 
