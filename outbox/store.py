@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import re
 import secrets
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ ATTEMPT_LOG_LIMIT = 20
 # takes rows in rounds of ``CLAIM_ROUND_ROWS`` per key (one full publish request of 10 events).
 CLAIM_VIEW_FACTOR = 4
 CLAIM_ROUND_ROWS = 10
+# ... among at most this many times ``limit`` of the oldest due rows (the front of the queue).
+# When every key there is held (one hot key's backlog leased by another relay, say), the claim
+# skips from key to key on the key index to find the free keys behind, instead of reading the
+# held keys' rows: its cost is bounded by the front and the number of keys with open rows, not
+# by the backlog.
+CLAIM_SCAN_FACTOR = 32
 # A relay's id: the first hex digits of its lease tokens (claims count the relays at work).
 CLAIMER_ID_LENGTH = 8
 _HEX = re.compile(r"[0-9a-f]+")
@@ -433,7 +440,7 @@ class Store:
         instead of publishing them.
 
         Which rows: the claim looks at the oldest claimable rows (``CLAIM_VIEW_FACTOR`` times
-        ``limit``, walking the due index in id order, and stopping there) and takes them in
+        ``limit``, walking the due index in id order) and takes them in
         rounds: each key's oldest ``per_key`` rows (one full publish request), keys in the order
         of their oldest row; then each key's next ``per_key`` rows, and so on up to ``limit``.
         A claim takes no more than its fair share of the keys: the keys with work (those it
@@ -444,10 +451,12 @@ class Store:
         fills the whole claim. Every key's rows are taken oldest first and without gaps, so
         per-key order holds whatever the rounds pick.
 
-        Rows of held keys are passed over by the walk, so one busy key never holds another's
-        rows up; the price is that a claim made while every key in front of the queue is held
-        reads those keys' rows in front (a hash probe each: 8 ms at 10,000 rows, 59 ms at
-        100,000 on PostgreSQL), where it usually stops after ``view`` rows.
+        The walk reads at most ``CLAIM_SCAN_FACTOR`` times ``limit`` due rows (the front of the
+        queue). When every key there is held (a hot key's backlog leased by another relay, say),
+        the free keys behind are found by skipping from key to key on the key index, and each
+        gives its oldest ``per_key`` rows: one busy key never holds another key's rows up, and a
+        claim never reads the backlog (every key held, 100,000 pending rows: 5.7 ms on
+        PostgreSQL, 2.4 ms on SQLite; it read them all before, 59 / 47 ms).
 
         ``more`` says that claimable rows were left (by the limit or the fair share); a claim
         that is neither ``more`` nor ``contended`` took every row it could.
@@ -475,6 +484,7 @@ class Store:
         params = {
             "limit": limit,
             "view": limit * CLAIM_VIEW_FACTOR,
+            "scan": limit * CLAIM_SCAN_FACTOR,
             "per_key": per_key,
             "token": token,
             "following": following or "",
@@ -619,8 +629,6 @@ class Store:
         # A row of a held key is claimable only when it is older than the key's first holder
         # (rows committed out of id order): NOT IN over the held keys is one hash probe per row,
         # and the correlated comparison runs only for rows of held keys.
-        # The oldest claimable rows, walking the due index in id order and stopping after
-        # ``view`` of them: the cost of a claim does not grow with the backlog.
         # (SQLite must be told which index: with statistics gathered while most rows were
         # pending it scans the table in rowid order instead, from its oldest sent row.)
         d = _DueIndexed._construct(events, name="due")
@@ -629,13 +637,92 @@ class Store:
             d.c.id
             < sa.select(h.c.first_id).where(h.c.ordering_key == d.c.ordering_key).scalar_subquery(),
         )
-        seen = (
-            sa.select(d.c.id, d.c.ordering_key)
-            .where(_is(d.c.status, Status.PENDING), d.c.available_at <= now, free)
+        scan = sa.bindparam("scan", type_=sa.Integer())
+        view = sa.bindparam("view", type_=sa.Integer())
+        # The front of the queue: the oldest due rows, at most ``scan`` of them (see
+        # CLAIM_SCAN_FACTOR), each marked free or held. The walk stops there, whatever is held.
+        front = (
+            sa.select(d.c.id, d.c.ordering_key, sa.case((free, 1), else_=0).label("free"))
+            .where(_is(d.c.status, Status.PENDING), d.c.available_at <= now)
             .order_by(d.c.id)
-            .limit(sa.bindparam("view", type_=sa.Integer()))
-            .cte("oldest")
+            .limit(scan)
+            .cte("front")
         )
+        # SQLite (3.35+) would otherwise materialize all of it (it is read twice) before the
+        # first free row is taken; PostgreSQL reads a CTE as it is consumed anyway.
+        if not self.is_postgres and sqlite3.sqlite_version_info >= (3, 35):
+            front = front.prefix_with("NOT MATERIALIZED")
+        # The first ``view`` free rows of the front. No ORDER BY: the front is produced in id
+        # order and read as produced, so reading stops at the ``view``-th free row (a sort
+        # would read the whole front first); the rows are ordered by id where it matters, below.
+        nearby = (
+            sa.select(front.c.id, front.c.ordering_key)
+            .where(front.c.free == 1)
+            .limit(view)
+            .cte("nearby")
+        )
+        # When the front is full and holds fewer than ``view`` free rows, every key there is
+        # held (one hot key's backlog, say): the free keys behind it are found by skipping from
+        # key to key on the key index (one index probe per key with open rows), not by reading
+        # the held keys' rows. Otherwise the skip never starts.
+        # (A CASE, so that the front is counted to its end only when the free rows found there
+        # fall short: both databases evaluate these subqueries when first needed.)
+        crowded = sa.case(
+            (sa.select(sa.func.count()).select_from(nearby).scalar_subquery() >= view, sa.false()),
+            else_=sa.select(sa.func.count()).select_from(front).scalar_subquery() >= scan,
+        )
+
+        def next_key(after: Any | None) -> Any:
+            k = events.alias("key_walk")
+            query = sa.select(k.c.ordering_key).where(_in(k.c.status, OPEN_STATUSES))
+            if after is not None:
+                query = query.where(k.c.ordering_key > after)
+            return query.order_by(k.c.ordering_key).limit(1).scalar_subquery()
+
+        keys = sa.select(next_key(None).label("key")).where(crowded).cte("keys", recursive=True)
+        keys = keys.union_all(sa.select(next_key(keys.c.key)).where(keys.c.key.is_not(None)))
+        # Each free key's oldest open rows, one request's worth, from the key index (open, not
+        # pending: only that index can serve it, where the due index would walk the rows in
+        # front again), then its pending ones (a free key has no row waiting for a retry, so all
+        # of them are due; its open rows that are not pending are the caller's own, see
+        # ``following``). A LATERAL subquery per key on PostgreSQL; on SQLite a correlated IN
+        # on the rowid, the keys driving.
+        r = events.alias("key_rows")
+        firsts_of_key = (
+            sa.select(r.c.id, r.c.ordering_key, r.c.status)
+            # "between the key and itself" rather than "=": an equality would let the planner
+            # take the rows in id order from any id index, walking every key's rows.
+            .where(
+                r.c.ordering_key >= keys.c.key,
+                r.c.ordering_key <= keys.c.key,
+                _in(r.c.status, OPEN_STATUSES),
+            )
+            .order_by(r.c.ordering_key, r.c.id)  # the key index's own order
+            .limit(sa.bindparam("per_key", type_=sa.Integer()))
+        )
+        rows: Any
+        if self.is_postgres:
+            rows = firsts_of_key.lateral("key_first_rows")
+            found = keys.join(rows, sa.true())
+        else:
+            rows = events.alias("key_first_rows")
+            found = keys.join(rows, rows.c.id.in_(firsts_of_key.with_only_columns(r.c.id)))
+        behind = (
+            sa.select(rows.c.id, rows.c.ordering_key)
+            .select_from(found)
+            .where(
+                keys.c.key.is_not(None),
+                keys.c.key.not_in(sa.select(held.c.ordering_key)),
+                _is(rows.c.status, Status.PENDING),
+            )
+            .order_by(rows.c.id)
+            .limit(view)
+            .subquery("behind")
+        )
+        seen = sa.union_all(
+            sa.select(nearby.c.id, nearby.c.ordering_key).where(~crowded),
+            sa.select(behind.c.id, behind.c.ordering_key),
+        ).cte("oldest")
         place = sa.func.row_number().over(partition_by=seen.c.ordering_key, order_by=seen.c.id)
         # integer division on both databases (SQLAlchemy's ``//`` renders FLOOR())
         rounds = (place - 1).self_group().op("/")(sa.bindparam("per_key", type_=sa.Integer()))

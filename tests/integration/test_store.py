@@ -9,8 +9,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import new_opaque_id
-from outbox.models import IX_DUE, IX_LEASED, IX_WAITING, events
+from outbox.models import IX_DUE, IX_KEY_OPEN, IX_LEASED, IX_WAITING, events
 from outbox.store import (
+    CLAIM_SCAN_FACTOR,
     CLAIM_VIEW_FACTOR,
     Store,
     _claim_lock,
@@ -195,25 +196,9 @@ def _plan(engine, store, *, analyze=False):
                 for statement, parameters in captured
                 for row in raw.execute("EXPLAIN QUERY PLAN " + statement, parameters)
             )
-    params = {
-        "limit": 100,
-        "view": 100 * CLAIM_VIEW_FACTOR,
-        "per_key": 10,
-        "token": claimer + "-0000-4000-8000-000000000000",
-        "following": previous.token,
-        "claimer": claimer,
-        **store._clock_params(30),
-    }
-    compiled = store._build_claim().compile(dialect=engine.dialect)
-    values = {k: params.get(k, v) for k, v in compiled.params.items()}
-    with engine.begin() as conn:
-        conn.execute(_claim_lock())
-        cursor = conn.connection.driver_connection.cursor()
-        how = "(ANALYZE, COSTS OFF)" if analyze else "(COSTS OFF)"
-        cursor.execute(f"EXPLAIN {how} " + compiled.string, values)
-        lines = [row[0] for row in cursor.fetchall()]
-        conn.rollback()
-    return "\n".join(lines)
+    return _explain_claim(
+        engine, store, limit=100, claimer=claimer, following=previous.token, analyze=analyze
+    )
 
 
 @pytest.mark.parametrize("statistics", ["of a near-empty table", "of the backlog"])
@@ -242,6 +227,11 @@ def test_the_claim_walks_its_indexes_whatever_the_statistics_say(engine, statist
             assert f"Index Scan using {index} on outbox_events {alias} " in plan, plan
         # the chosen rows are locked, then leased, by primary key
         assert len(re.findall(r"Index Scan using pk_outbox_events on outbox_events", plan)) == 2
+        # the skip from key to key (when every key in front is held) walks the key index
+        assert re.search(
+            rf"Index (Only )?Scan using {IX_KEY_OPEN} on outbox_events key_walk ", plan
+        )
+        assert f"Index Scan using {IX_KEY_OPEN} on outbox_events key_rows " in plan, plan
         assert "Seq Scan" not in plan and "Bitmap" not in plan and "JIT" not in plan, plan
         removed = [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", plan)]
         assert max(removed, default=0) <= 200, plan  # a relay's own leased rows at most
@@ -252,6 +242,9 @@ def test_the_claim_walks_its_indexes_whatever_the_statistics_say(engine, statist
             f"SCAN leased USING INDEX {IX_LEASED}",
             f"SEARCH waiting USING INDEX {IX_WAITING} (available_at>?)",
             "SEARCH outbox_events USING INTEGER PRIMARY KEY (rowid=?)",
+            "CO-ROUTINE front",  # read as consumed, not materialized whole
+            f"SEARCH key_walk USING INDEX {IX_KEY_OPEN} (ordering_key>?)",
+            f"SEARCH key_rows USING INDEX {IX_KEY_OPEN} (ordering_key>? AND ordering_key<?)",
         ]:
             assert expected in plan, plan
 
@@ -276,6 +269,38 @@ def test_a_busy_key_held_by_one_relay_never_holds_another_keys_rows_up(engine):
     assert [ev.id for ev in other.events] == behind
     again = store.claim(limit=5, lease_seconds=30, claimer=new_claimer_id())
     assert (again.events, again.more, again.contended) == ([], False, False)
+    if store.is_postgres:
+        # and it found them without reading the hot key's rows: the walk stopped at the front
+        # (CLAIM_SCAN_FACTOR x limit rows), then skipped from key to key
+        plan = _explain_claim(engine, store, limit=5)
+        due = re.search(rf"Index Scan using {IX_DUE} on outbox_events due .*rows=(\d+) ", plan)
+        assert due is not None and int(due.group(1)) <= 5 * CLAIM_SCAN_FACTOR, plan
+        assert re.search(r"Scan using \S+ on outbox_events key_walk \(actual [^)]*\)", plan), plan
+
+
+def _explain_claim(engine, store, *, limit, claimer=None, following="", analyze=True):
+    """EXPLAIN of the claim statement as a claim runs it: in its transaction, after its lock."""
+    claimer = claimer or new_claimer_id()
+    params = {
+        "limit": limit,
+        "view": limit * CLAIM_VIEW_FACTOR,
+        "scan": limit * CLAIM_SCAN_FACTOR,
+        "per_key": 10,
+        "token": claimer + "-0000-4000-8000-000000000000",
+        "following": following,
+        "claimer": claimer,
+        **store._clock_params(30),
+    }
+    compiled = store._build_claim().compile(dialect=engine.dialect)
+    values = {k: params.get(k, v) for k, v in compiled.params.items()}
+    how = "(ANALYZE, COSTS OFF)" if analyze else "(COSTS OFF)"
+    with engine.begin() as conn:
+        conn.execute(_claim_lock())
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.execute(f"EXPLAIN {how} " + compiled.string, values)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        conn.rollback()
+    return plan
 
 
 def test_rows_behind_a_retry_never_hold_other_keys_up(engine):
