@@ -597,6 +597,7 @@ class Relay:
                 break
             singles = max(singles - len(chunk), 0)
             started = time.perf_counter()
+            error: PublishError
             try:
                 result.requests += 1
                 self.publisher.publish_batch(
@@ -607,16 +608,8 @@ class Relay:
                         for ev in chunk
                     ]
                 )
-            except PublishError as error:
-                self.observer.request(len(chunk), time.perf_counter() - started, error.status)
-                if isinstance(error, PermanentPublishError) and len(chunk) > 1:
-                    singles = len(chunk)
-                    queue.extendleft(reversed(chunk))
-                    continue
-                for ev in chunk:
-                    result.failed.append((ev, error))
-                    if error.transient:
-                        blocked.add(ev.ordering_key)
+            except PublishError as failure:
+                error = failure
             except Exception as exc:  # noqa: BLE001 - a bug must not lose the lane's other results
                 # Delivery unknown: charge an attempt (retried with backoff, dead-lettered in
                 # the end) rather than loop on it. The class only: texts may carry data.
@@ -624,16 +617,22 @@ class Relay:
                     "outbox publisher raised an unexpected error",
                     extra={"error_class": type(exc).__name__},
                 )
-                self.observer.request(len(chunk), time.perf_counter() - started, None)
-                unexpected = TransientPublishError(
+                error = TransientPublishError(
                     f"unexpected {type(exc).__name__} while publishing; delivery unknown"
                 )
-                for ev in chunk:
-                    result.failed.append((ev, unexpected))
-                    blocked.add(ev.ordering_key)
             else:
                 self.observer.request(len(chunk), time.perf_counter() - started, 200)
                 result.sent.extend(chunk)
+                continue
+            self.observer.request(len(chunk), time.perf_counter() - started, error.status)
+            if isinstance(error, PermanentPublishError) and len(chunk) > 1:
+                singles = len(chunk)
+                queue.extendleft(reversed(chunk))
+                continue
+            for ev in chunk:
+                result.failed.append((ev, error))
+                if error.transient:
+                    blocked.add(ev.ordering_key)
         return result
 
     def _decide(self, ev: ClaimedEvent, error: PublishError, now: dt.datetime) -> Failure:

@@ -639,6 +639,7 @@ class Store:
         )
         scan = sa.bindparam("scan", type_=sa.Integer())
         view = sa.bindparam("view", type_=sa.Integer())
+        per_key = sa.bindparam("per_key", type_=sa.Integer())
         # The front of the queue: the oldest due rows, at most ``scan`` of them (see
         # CLAIM_SCAN_FACTOR), each marked free or held. The walk stops there, whatever is held.
         front = (
@@ -698,7 +699,7 @@ class Store:
                 _in(r.c.status, OPEN_STATUSES),
             )
             .order_by(r.c.ordering_key, r.c.id)  # the key index's own order
-            .limit(sa.bindparam("per_key", type_=sa.Integer()))
+            .limit(per_key)
         )
         rows: Any
         if self.is_postgres:
@@ -725,7 +726,7 @@ class Store:
         ).cte("oldest")
         place = sa.func.row_number().over(partition_by=seen.c.ordering_key, order_by=seen.c.id)
         # integer division on both databases (SQLAlchemy's ``//`` renders FLOOR())
-        rounds = (place - 1).self_group().op("/")(sa.bindparam("per_key", type_=sa.Integer()))
+        rounds = (place - 1).self_group().op("/")(per_key)
         firsts = sa.select(
             seen.c.id,
             seen.c.ordering_key,
