@@ -93,12 +93,17 @@ class PrometheusObserver:
         CLAIM_SIZE.observe(count)
 
     def sent(self, events: Sequence[ClaimedEvent]) -> None:
+        # Labelled children looked up once per type and batch, not per event (a third of the
+        # cost per event).
         now = utcnow()
+        by_type: dict[str, list[ClaimedEvent]] = {}
         for ev in events:
-            PUBLISHED.labels(type=ev.type_name).inc()
-            COMMIT_TO_PUBLISH_SECONDS.labels(type=ev.type_name).observe(
-                max((now - ev.created_at).total_seconds(), 0.0)
-            )
+            by_type.setdefault(ev.type_name, []).append(ev)
+        for type_name, group in by_type.items():
+            PUBLISHED.labels(type=type_name).inc(len(group))
+            latency = COMMIT_TO_PUBLISH_SECONDS.labels(type=type_name)
+            for ev in group:
+                latency.observe(max((now - ev.created_at).total_seconds(), 0.0))
 
     def failed(self, ev: ClaimedEvent, *, dead: bool, status: int | None, transient: bool) -> None:
         FAILED.labels(

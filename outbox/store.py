@@ -17,6 +17,7 @@ overwrite the new owner's result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -336,6 +337,8 @@ class ClaimedEvent:
     overdue: bool = False  # past its time-to-live by the database clock when it was claimed
 
 
+# The columns a claim returns, in the order of ClaimedEvent's fields (lease_token, the claim's
+# own, is not a column read back; overdue is computed): see _claimed_event.
 _CLAIMED_COLUMNS = (
     events.c.id,
     events.c.event_id,
@@ -352,6 +355,52 @@ _CLAIMED_COLUMNS = (
     events.c.expires_at,
     events.c.attempt_log,
 )
+_CLAIMED_FIELDS = [f.name for f in dataclasses.fields(ClaimedEvent)]
+if [c.name for c in _CLAIMED_COLUMNS] != [
+    name for name in _CLAIMED_FIELDS if name not in ("lease_token", "overdue")
+]:
+    raise RuntimeError("_CLAIMED_COLUMNS must list ClaimedEvent's fields in order")
+
+
+def _claimed_event(row: Sequence[Any], token: str) -> ClaimedEvent:
+    """A claimed row (``_CLAIMED_COLUMNS``, then ``overdue``) as an event, by position: a
+    claim builds thousands of these a second, and reading a row's values by name cost a third
+    of the claim's own CPU."""
+    (
+        id_,
+        event_id,
+        type_name,
+        channel,
+        event_name,
+        ordering_key,
+        data,
+        encrypted,
+        contains_phi,
+        exclude_socket_id,
+        attempts,
+        created_at,
+        expires_at,
+        attempt_log,
+        overdue,
+    ) = row[:15]
+    return ClaimedEvent(
+        id_,
+        event_id,
+        type_name,
+        channel,
+        event_name,
+        ordering_key,
+        data,
+        encrypted,
+        contains_phi,
+        exclude_socket_id,
+        attempts,
+        created_at,
+        expires_at,
+        token,
+        attempt_log,
+        bool(overdue),
+    )
 
 
 @dataclass(frozen=True)
@@ -515,27 +564,8 @@ class Store:
                     if ids
                     else []
                 )
-        result = [
-            ClaimedEvent(
-                id=r.id,
-                event_id=r.event_id,
-                type_name=r.type_name,
-                channel=r.channel,
-                event_name=r.event_name,
-                ordering_key=r.ordering_key,
-                data=r.data,
-                encrypted=r.encrypted,
-                contains_phi=r.contains_phi,
-                exclude_socket_id=r.exclude_socket_id,
-                attempts=r.attempts,
-                created_at=r.created_at,
-                expires_at=r.expires_at,
-                lease_token=token,
-                attempt_log=r.attempt_log,
-                overdue=bool(r.overdue),
-            )
-            for r in rows
-        ]
+        # Positional: a claim builds thousands of these a second (see _CLAIMED_COLUMNS).
+        result = [_claimed_event(r, token) for r in rows]
         result.sort(key=lambda ev: ev.id)
         return ClaimResult(result, contended=len(rows) < chosen, token=token, more=seen > chosen)
 
