@@ -117,7 +117,6 @@ events = sa.Table(
     sa.Column("last_error", sa.String(500), nullable=True),
     sa.Column("attempt_log", sa.Text(), nullable=True),
     sa.UniqueConstraint("event_id", name=UQ_EVENT_ID),
-    sa.UniqueConstraint("dedup_key", name=UQ_DEDUP_KEY),
     sa.CheckConstraint(
         "status IN ('pending', 'in_flight', 'sent', 'dead', 'expired')", name="status_valid"
     ),
@@ -156,6 +155,16 @@ events = sa.Table(
         sqlite_where=sa.text("finished_at IS NOT NULL"),
     ),
     sa.Index(IX_CHANNEL_SEQ, "channel", "seq"),
+    # Unique among the rows that have a key. Partial: most rows have none, and a full index
+    # took an entry of every row at every update (a claim and a mark each write a new row
+    # version into every index that covers the row).
+    sa.Index(
+        UQ_DEDUP_KEY,
+        "dedup_key",
+        unique=True,
+        postgresql_where=sa.text("dedup_key IS NOT NULL"),
+        sqlite_where=sa.text("dedup_key IS NOT NULL"),
+    ),
     sa.Index(
         IX_PAYLOAD_HELD,
         "finished_at",

@@ -273,9 +273,9 @@ def insert_event(
             expires_at=clock(dialect, "ttl_seconds") if with_ttl else None,
         )
         if deduplicated:
-            return insert.on_conflict_do_nothing(index_elements=[e.c.dedup_key]).returning(
-                e.c.id, e.c.event_id
-            )
+            return insert.on_conflict_do_nothing(
+                index_elements=[e.c.dedup_key], index_where=e.c.dedup_key.is_not(None)
+            ).returning(e.c.id, e.c.event_id)
         return insert.returning(e.c.id, e.c.event_id)
 
     statement = _cached(("insert", dialect, columns, with_ttl, deduplicated), build)
