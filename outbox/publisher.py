@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import nacl.bindings
 import nacl.secret
 import nacl.utils
 import pusher
@@ -429,8 +430,8 @@ class _Sealer:
     """End-to-end encryption of an event's data, exactly as ``pusher.crypto.encrypt`` does it.
 
     The SDK derives a channel's key (SHA-256 of the channel name and the master key, its own
-    ``generate_shared_secret``) and builds a NaCl ``SecretBox`` for every event it encrypts. Both
-    depend on the channel only, so they are made once per channel (the most recent
+    ``generate_shared_secret``) and builds a NaCl ``SecretBox`` for every event it encrypts. The
+    key depends on the channel only, so it is derived once per channel (the most recent
     :data:`SEALED_CHANNELS_KEPT` channels) and every event gets a fresh random nonce, as before:
     the output is the SDK's ``{"nonce": …, "ciphertext": …}`` in base64, byte for byte the same
     shape, and subscribers decrypt it with the shared secret the authorizer hands out.
@@ -438,21 +439,24 @@ class _Sealer:
 
     def __init__(self, master_key: bytes) -> None:
         self._master_key = master_key
-        self._box = functools.lru_cache(maxsize=SEALED_CHANNELS_KEPT)(self._make_box)
+        self._key = functools.lru_cache(maxsize=SEALED_CHANNELS_KEPT)(self._derive_key)
 
-    def _make_box(self, channel: str) -> nacl.secret.SecretBox:
-        return nacl.secret.SecretBox(
-            crypto.generate_shared_secret(channel.encode("utf-8"), self._master_key)
-        )
+    def _derive_key(self, channel: str) -> bytes:
+        return bytes(crypto.generate_shared_secret(channel.encode("utf-8"), self._master_key))
 
     def seal(self, channel: str, data: str) -> str:
         nonce = nacl.utils.random(nacl.secret.SecretBox.NONCE_SIZE)
-        sealed = self._box(channel).encrypt(data.encode("utf-8"), nonce)
-        return json.dumps(
-            {
-                "nonce": base64.b64encode(nonce).decode("ascii"),
-                "ciphertext": base64.b64encode(sealed.ciphertext).decode("ascii"),
-            }
+        # What SecretBox.encrypt does, without the nonce + ciphertext copy it also builds; and
+        # json.dumps's output for two base64 strings (nothing in them needs escaping).
+        ciphertext = nacl.bindings.crypto_secretbox_easy(
+            data.encode("utf-8"), nonce, self._key(channel)
+        )
+        return (
+            '{"nonce": "'
+            + base64.b64encode(nonce).decode("ascii")
+            + '", "ciphertext": "'
+            + base64.b64encode(ciphertext).decode("ascii")
+            + '"}'
         )
 
 
