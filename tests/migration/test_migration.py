@@ -97,6 +97,38 @@ def test_deduplication_holds_across_the_partial_index_migration(database_url):
         upgrade_to_head(database_url)
 
 
+def test_this_versions_enqueue_deduplicates_on_a_schema_not_yet_migrated(database_url):
+    """Deploy the code first, then migrate: the insert names the partial index's predicate,
+    which both databases also match to the full unique constraint of 0003."""
+    from sqlalchemy.orm import Session
+
+    from outbox import new_opaque_id
+    from tests.integration.helpers import ORDER_CREATED, make_outbox
+
+    command.downgrade(alembic_config(database_url), "0003")
+    engine = sa.create_engine(database_url)
+    outbox = make_outbox()
+    pharmacy = new_opaque_id("pha")
+
+    def enqueue(dedup_key: str | None) -> int:
+        with Session(engine) as session, session.begin():
+            return outbox.enqueue(
+                session,
+                ORDER_CREATED,
+                ids={"pharmacy_id": pharmacy},
+                data={"order_id": new_opaque_id("ord"), "status": "new", "items": 1},
+                dedup_key=dedup_key,
+            ).id
+
+    try:
+        first = enqueue("order_1:created")
+        assert enqueue("order_1:created") == first
+        assert len({enqueue(None), enqueue(None), first}) == 3
+    finally:
+        engine.dispose()
+        upgrade_to_head(database_url)
+
+
 def test_fresh_sqlite_file_in_a_missing_folder_is_created(tmp_path):
     url = f"sqlite:///{tmp_path}/nested/dir/outbox.db"
     upgrade_to_head(url)
