@@ -446,11 +446,10 @@ class _Sealer:
 
     def seal(self, channel: str, data: str) -> str:
         nonce = nacl.utils.random(nacl.secret.SecretBox.NONCE_SIZE)
-        # What SecretBox.encrypt does, without the nonce + ciphertext copy it also builds; and
-        # json.dumps's output for two base64 strings (nothing in them needs escaping).
-        ciphertext = nacl.bindings.crypto_secretbox_easy(
-            data.encode("utf-8"), nonce, self._key(channel)
-        )
+        # What SecretBox.encrypt does, without the nonce + ciphertext copy it also builds (the
+        # binding of PyNaCl 1.5 and 1.6 alike); and json.dumps's output for two base64 strings
+        # (nothing in them needs escaping).
+        ciphertext = nacl.bindings.crypto_secretbox(data.encode("utf-8"), nonce, self._key(channel))
         return (
             '{"nonce": "'
             + base64.b64encode(nonce).decode("ascii")
