@@ -355,11 +355,15 @@ _CLAIMED_COLUMNS = (
     events.c.expires_at,
     events.c.attempt_log,
 )
+# The layout _claimed_event unpacks: the columns, the claim's token before attempt_log, then
+# overdue. Checked at import, so that a column or field added, moved or renamed cannot shift
+# values into the wrong fields unnoticed.
+_CLAIMED_LAYOUT = [c.name for c in _CLAIMED_COLUMNS]
+_CLAIMED_LAYOUT.insert(13, "lease_token")
+_CLAIMED_LAYOUT.append("overdue")
 _CLAIMED_FIELDS = [f.name for f in dataclasses.fields(ClaimedEvent)]
-if [c.name for c in _CLAIMED_COLUMNS] != [
-    name for name in _CLAIMED_FIELDS if name not in ("lease_token", "overdue")
-]:
-    raise RuntimeError("_CLAIMED_COLUMNS must list ClaimedEvent's fields in order")
+if len(_CLAIMED_COLUMNS) != 14 or _CLAIMED_FIELDS != _CLAIMED_LAYOUT:
+    raise RuntimeError("_CLAIMED_COLUMNS and _claimed_event must follow ClaimedEvent's fields")
 
 
 def _claimed_event(row: Sequence[Any], token: str) -> ClaimedEvent:
@@ -1386,10 +1390,10 @@ def _claim_lock() -> Any:
     makes sorts (which only that walk avoids) the last resort. Those penalties make the plan
     look expensive enough for JIT compilation, which then cost 250 ms a claim: JIT is off too.
     With the plan pinned, planning it again for every claim's parameters is waste (about 1 ms
-    of PostgreSQL's CPU per claim, 10 us per row of a claim of 100): once psycopg has prepared
-    the statement (its fifth run on a connection), the claim runs one generic plan per
-    connection. ``set_config(..., true)`` is ``SET LOCAL``: it ends with the claim's
-    transaction.
+    of PostgreSQL's CPU per claim, 10 us per row of a claim of 100): the claim's plans are
+    generic (planned for any parameters) from its first run, and once psycopg has prepared the
+    statement (its fifth run on a connection) they are planned once per connection.
+    ``set_config(..., true)`` is ``SET LOCAL``: it ends with the claim's transaction.
     """
     return sa.select(
         sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY),
