@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy.exc
 
 from outbox import __version__
 from outbox.dashboard import STATS_SCHEMA_VERSION
 from outbox.dashboard import collect_stats as _collect
 from outbox.errors import OutboxError
-from outbox.migration import current_revision, head_revision, upgrade_to_head
+from outbox.migration import (
+    current_revision,
+    ensure_sqlite_directory,
+    head_revision,
+    upgrade_to_head,
+)
 from outbox.models import TERMINAL_STATUSES
 from outbox.settings import Settings, load_settings
 from outbox.store import Store, create_engine, list_audit
@@ -41,14 +47,19 @@ def _store(settings: Settings) -> Store:
     return Store(create_engine(settings.database_url))
 
 
-def _require_schema(settings: Settings) -> None:
+def _revision(settings: Settings) -> str | None:
+    """The database's schema revision; a clear error when it cannot be opened."""
     try:
-        current = current_revision(settings.database_url)
+        return current_revision(settings.database_url)
     except Exception as exc:  # noqa: BLE001 - report the database problem without a traceback
         raise click.ClickException(
             f"cannot open the database from OUTBOX_DATABASE_URL ({type(exc).__name__}); check "
             "that it is reachable"
         ) from None
+
+
+def _require_schema(settings: Settings) -> None:
+    current = _revision(settings)
     if current is None:
         raise click.ClickException("the database has no outbox tables yet: run `outbox migrate`")
 
@@ -70,10 +81,41 @@ def migrate() -> None:
     """Create or upgrade the outbox tables (Alembic, idempotent)."""
     settings = _settings()
     try:
-        upgrade_to_head(settings.database_url)
+        ensure_sqlite_directory(settings.database_url)  # a new SQLite file's folder
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot create the folder of the SQLite file in OUTBOX_DATABASE_URL "
+            f"({type(exc).__name__}): check the path and its permissions"
+        ) from None
+    before = _revision(settings)
+    try:
+        upgrade_to_head(
+            settings.database_url, lock_timeout_seconds=settings.migration_lock_timeout_seconds
+        )
     except OutboxError as exc:
         raise click.ClickException(str(exc)) from None
+    except sqlalchemy.exc.DBAPIError as exc:
+        # The database's own message may quote row values: only its class and code are shown.
+        code = getattr(exc.orig, "sqlstate", None)
+        postgres = settings.database_url.startswith("postgresql")
+        if code == LOCK_NOT_AVAILABLE:
+            raise click.ClickException(
+                "the migration waited longer than OUTBOX_MIGRATION_LOCK_TIMEOUT_SECONDS="
+                f"{settings.migration_lock_timeout_seconds:g} for a lock on the outbox tables "
+                "(a long query or transaction held them) and changed nothing: run `outbox "
+                "migrate` again when they are quieter, or give it more time"
+            ) from None
+        raise click.ClickException(
+            f"the migration from revision {before or 'none'} failed "
+            f"({type(exc.orig).__name__}{f', SQLSTATE {code}' if code else ''})"
+            + ("; PostgreSQL rolled it back, nothing changed" if postgres else "")
+            + ": fix the cause and run `outbox migrate` again"
+        ) from None
     click.echo(f"outbox schema at revision {head_revision()}")
+
+
+# PostgreSQL's "lock_not_available": lock_timeout expired.
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 @main.command()

@@ -11,12 +11,16 @@ from sqlalchemy import create_engine, pool
 
 from alembic import command
 from outbox.errors import ConfigurationError
+from outbox.settings import DEFAULT_MIGRATION_LOCK_TIMEOUT_SECONDS
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
 
-def alembic_config(database_url: str) -> Config:
-    """An Alembic config pointing at the project's migration scripts and ``database_url``."""
+def alembic_config(database_url: str, *, lock_timeout_seconds: float | None = None) -> Config:
+    """An Alembic config pointing at the project's migration scripts and ``database_url``.
+
+    ``lock_timeout_seconds``: how long a migration on PostgreSQL waits for a lock (default
+    :data:`~outbox.settings.DEFAULT_MIGRATION_LOCK_TIMEOUT_SECONDS`)."""
     if not (ALEMBIC_DIR / "env.py").is_file():
         raise ConfigurationError(
             f"migration scripts not found at {ALEMBIC_DIR}: install pusher-outbox from its "
@@ -25,10 +29,16 @@ def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.attributes["database_url"] = database_url
+    config.attributes["lock_timeout_seconds"] = (
+        DEFAULT_MIGRATION_LOCK_TIMEOUT_SECONDS
+        if lock_timeout_seconds is None
+        else lock_timeout_seconds
+    )
     return config
 
 
-def _ensure_sqlite_directory(database_url: str) -> None:
+def ensure_sqlite_directory(database_url: str) -> None:
+    """Create the folder of a SQLite database file if it is missing."""
     prefix = "sqlite:///"
     if database_url.startswith(prefix) and ":memory:" not in database_url:
         path = Path(database_url[len(prefix) :].split("?", 1)[0])
@@ -36,10 +46,13 @@ def _ensure_sqlite_directory(database_url: str) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def upgrade_to_head(database_url: str) -> None:
-    """Apply every migration up to the newest one. Idempotent."""
-    _ensure_sqlite_directory(database_url)
-    command.upgrade(alembic_config(database_url), "head")
+def upgrade_to_head(database_url: str, *, lock_timeout_seconds: float | None = None) -> None:
+    """Apply every migration up to the newest one. Idempotent.
+
+    On PostgreSQL the migrations run in one transaction: if one fails (a lock not granted
+    within ``lock_timeout_seconds``, say), nothing is changed."""
+    ensure_sqlite_directory(database_url)
+    command.upgrade(alembic_config(database_url, lock_timeout_seconds=lock_timeout_seconds), "head")
 
 
 def current_revision(database_url: str) -> str | None:

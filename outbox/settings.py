@@ -42,6 +42,12 @@ def decode_master_key(value: str) -> bytes:
     return raw
 
 
+# How long a migration on PostgreSQL waits for a table lock before it gives up (changing
+# nothing): a migration's exclusive lock queued behind a long query would otherwise block every
+# query that arrives after it.
+DEFAULT_MIGRATION_LOCK_TIMEOUT_SECONDS = 10.0
+
+
 class Settings(BaseSettings):
     """Every setting of pusher-outbox. Field names map to the environment variables shown."""
 
@@ -59,6 +65,10 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(DEFAULT_BROKER_URL, validation_alias=AliasChoices("OUTBOX_BROKER_URL"))
     broker_dir: str = Field(".outbox/broker", validation_alias=AliasChoices("OUTBOX_BROKER_DIR"))
+    migration_lock_timeout_seconds: PositiveSeconds = Field(
+        DEFAULT_MIGRATION_LOCK_TIMEOUT_SECONDS,
+        validation_alias=AliasChoices("OUTBOX_MIGRATION_LOCK_TIMEOUT_SECONDS"),
+    )
 
     # --- Pusher -------------------------------------------------------------------------
     pusher_app_id: str | None = Field(None, validation_alias=AliasChoices("PUSHER_APP_ID"))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,50 @@ def test_audit_lists_authorization_decisions(engine, database_url, decision):
         json.loads(run(database_url, "audit", "--json", "--channel-prefix", "presence-").stdout)
         == []
     )
+
+
+def test_migrate_on_an_unreachable_database_says_so_without_a_traceback():
+    result = run("postgresql+psycopg://someone:pw-CANARY@127.0.0.1:1/outbox", "migrate")
+    assert result.returncode == 1
+    assert "cannot open the database from OUTBOX_DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pw-CANARY" not in result.stderr + result.stdout
+
+
+def test_migrate_gives_up_on_a_held_lock_and_changes_nothing(postgres_database_url):
+    """A long transaction reading the outbox: the migration's exclusive lock is not granted in
+    time, so it fails cleanly, rolled back, instead of queueing every query behind it."""
+    import sqlalchemy as sa
+
+    from alembic import command
+    from outbox.migration import alembic_config, current_revision, head_revision
+
+    command.downgrade(alembic_config(postgres_database_url), "0003")
+    engine = sa.create_engine(postgres_database_url)
+    try:
+        with engine.connect() as reader:
+            reader.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar()  # holds it
+            started = time.monotonic()
+            blocked = run(
+                postgres_database_url,
+                "migrate",
+                env={"OUTBOX_MIGRATION_LOCK_TIMEOUT_SECONDS": "0.5"},
+            )
+            assert time.monotonic() - started < 30
+            reader.rollback()
+        assert blocked.returncode == 1, blocked.stdout
+        assert "OUTBOX_MIGRATION_LOCK_TIMEOUT_SECONDS=0.5" in blocked.stderr
+        assert "changed nothing" in blocked.stderr
+        assert "Traceback" not in blocked.stderr
+        assert current_revision(postgres_database_url) == "0003"
+        with engine.connect() as conn:
+            kinds = conn.execute(
+                sa.text("SELECT contype FROM pg_constraint WHERE conname = :name"),
+                {"name": "uq_outbox_events_dedup_key"},
+            ).scalars()
+            assert list(kinds) == ["u"]  # still the constraint of 0003
+        done = run(postgres_database_url, "migrate")
+        assert done.returncode == 0, done.stderr
+        assert current_revision(postgres_database_url) == head_revision()
+    finally:
+        engine.dispose()
