@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy.engine
 import sqlalchemy.exc
 
 from outbox import __version__
@@ -111,7 +112,15 @@ def migrate() -> None:
             + ("; PostgreSQL rolled it back, nothing changed" if postgres else "")
             + ": fix the cause and run `outbox migrate` again"
         ) from None
-    click.echo(f"outbox schema at revision {head_revision()}")
+    click.echo(f"outbox schema at revision {head_revision()}{_where(settings.database_url)}")
+
+
+def _where(database_url: str) -> str:
+    """Which SQLite file was migrated: ``sqlite:///x.db`` is relative to the current folder."""
+    url = sqlalchemy.engine.make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return ""
+    return f" (SQLite file {Path(url.database).resolve()})"
 
 
 # PostgreSQL's "lock_not_available": lock_timeout expired.

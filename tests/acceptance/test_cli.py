@@ -66,6 +66,26 @@ def test_migrate_creates_a_fresh_database_and_is_idempotent(tmp_path):
         result = run(url, "migrate")
         assert result.returncode == 0, result.stderr
         assert "revision" in result.stdout
+        assert f"(SQLite file {tmp_path.resolve()}/new/outbox.db)" in result.stdout
+
+
+def test_migrate_names_the_file_a_relative_sqlite_url_resolves_to(tmp_path):
+    """``sqlite:///tmp/x.db`` (three slashes) is ./tmp/x.db, not /tmp/x.db: say which."""
+    result = subprocess.run(
+        [OUTBOX, "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PUSHER_"))},
+            "OUTBOX_DATABASE_URL": "sqlite:///tmp/x.db",
+        },
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"(SQLite file {tmp_path.resolve()}/tmp/x.db)" in result.stdout
+    assert (tmp_path / "tmp" / "x.db").is_file()
 
 
 def test_commands_on_an_unmigrated_database_say_to_migrate(tmp_path):
