@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import sqlalchemy.engine
 import sqlalchemy.exc
 
 from outbox import __version__
@@ -28,6 +27,7 @@ from outbox.migration import (
     current_revision,
     ensure_sqlite_directory,
     head_revision,
+    sqlite_file,
     upgrade_to_head,
 )
 from outbox.models import TERMINAL_STATUSES
@@ -77,6 +77,10 @@ def main() -> None:
     """pusher-outbox: relay realtime notifications to Pusher without exposing PHI."""
 
 
+# PostgreSQL's "lock_not_available": lock_timeout expired.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 @main.command()
 def migrate() -> None:
     """Create or upgrade the outbox tables (Alembic, idempotent)."""
@@ -117,14 +121,8 @@ def migrate() -> None:
 
 def _where(database_url: str) -> str:
     """Which SQLite file was migrated: ``sqlite:///x.db`` is relative to the current folder."""
-    url = sqlalchemy.engine.make_url(database_url)
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return ""
-    return f" (SQLite file {Path(url.database).resolve()})"
-
-
-# PostgreSQL's "lock_not_available": lock_timeout expired.
-LOCK_NOT_AVAILABLE = "55P03"
+    path = sqlite_file(database_url)
+    return "" if path is None else f" (SQLite file {path.resolve()})"
 
 
 @main.command()

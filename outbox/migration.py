@@ -7,7 +7,8 @@ from pathlib import Path
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, make_url, pool
+from sqlalchemy.exc import ArgumentError
 
 from alembic import command
 from outbox.errors import ConfigurationError
@@ -37,13 +38,24 @@ def alembic_config(database_url: str, *, lock_timeout_seconds: float | None = No
     return config
 
 
+def sqlite_file(database_url: str) -> Path | None:
+    """The file a SQLite URL names (``sqlite:///x.db`` is relative to the current folder), or
+    ``None`` for an in-memory SQLite database, another database or a URL that does not parse
+    (opening it reports that)."""
+    try:
+        url = make_url(database_url)
+    except ArgumentError:
+        return None
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
 def ensure_sqlite_directory(database_url: str) -> None:
     """Create the folder of a SQLite database file if it is missing."""
-    prefix = "sqlite:///"
-    if database_url.startswith(prefix) and ":memory:" not in database_url:
-        path = Path(database_url[len(prefix) :].split("?", 1)[0])
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_file(database_url)
+    if path is not None and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def upgrade_to_head(database_url: str, *, lock_timeout_seconds: float | None = None) -> None:

@@ -22,12 +22,18 @@ OUTBOX = str(Path(sys.executable).with_name("outbox"))
 CANARY = "CANARY-cli-Patient-Roe"
 
 
-def run(database_url, *args, env=None, timeout=60):
+def run(database_url, *args, env=None, timeout=60, cwd=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PUSHER_"))}
     full_env["OUTBOX_DATABASE_URL"] = database_url
     full_env.update(env or {})
     return subprocess.run(
-        [OUTBOX, *args], capture_output=True, text=True, timeout=timeout, env=full_env, check=False
+        [OUTBOX, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+        check=False,
     )
 
 
@@ -71,18 +77,7 @@ def test_migrate_creates_a_fresh_database_and_is_idempotent(tmp_path):
 
 def test_migrate_names_the_file_a_relative_sqlite_url_resolves_to(tmp_path):
     """``sqlite:///tmp/x.db`` (three slashes) is ./tmp/x.db, not /tmp/x.db: say which."""
-    result = subprocess.run(
-        [OUTBOX, "migrate"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PUSHER_"))},
-            "OUTBOX_DATABASE_URL": "sqlite:///tmp/x.db",
-        },
-        check=False,
-    )
+    result = run("sqlite:///tmp/x.db", "migrate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"(SQLite file {tmp_path.resolve()}/tmp/x.db)" in result.stdout
     assert (tmp_path / "tmp" / "x.db").is_file()
